@@ -1,0 +1,3 @@
+"""fedpeft: simulate federated parameter-efficient fine-tuning."""
+
+__version__ = "0.1.0"

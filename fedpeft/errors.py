@@ -1,0 +1,17 @@
+"""Exceptions that mean "the user asked for something invalid".
+
+The CLI turns each of these into one line on stderr and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class FedPeftError(Exception):
+    """Base class for user-facing errors (bad config, missing asset, ...)."""
+
+
+class ConfigError(FedPeftError):
+    """A config key is unknown, mistyped or out of range."""
+
+
+class AssetError(FedPeftError):
+    """A model or dataset package is missing or broken."""
