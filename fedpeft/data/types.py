@@ -1,0 +1,66 @@
+"""The in-memory form every dataset loader returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TextClassificationData:
+    """A text classification dataset, already split into train and test.
+
+    Parameters
+    ----------
+    name : str
+        Registry name of the dataset.
+    label_names : tuple of str
+        Name of each label; label ``i`` is ``label_names[i]``.
+    train_texts : tuple of str
+        Training texts.
+    train_labels : numpy.ndarray
+        ``int64`` label of each training text.
+    train_groups : numpy.ndarray
+        ``int64`` natural group id of each training text (for example the
+        movie a review is about); used for natural partitioning.
+    test_texts : tuple of str
+        Held-out texts, never given to a client.
+    test_labels : numpy.ndarray
+        ``int64`` label of each test text.
+
+    Notes
+    -----
+    Loaders cache their result per process, so the arrays are made read-only:
+    an in-place edit would otherwise leak into every later caller.
+    """
+
+    name: str
+    label_names: tuple[str, ...]
+    train_texts: tuple[str, ...]
+    train_labels: np.ndarray
+    train_groups: np.ndarray
+    test_texts: tuple[str, ...]
+    test_labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        num_train = len(self.train_texts)
+        if not num_train == len(self.train_labels) == len(self.train_groups):
+            raise ValueError("train_texts, train_labels and train_groups differ in length")
+        if len(self.test_texts) != len(self.test_labels):
+            raise ValueError("test_texts and test_labels differ in length")
+        for field in ("train_labels", "train_groups", "test_labels"):
+            array = np.array(getattr(self, field), dtype=np.int64)
+            array.flags.writeable = False
+            object.__setattr__(self, field, array)
+
+    @property
+    def num_labels(self) -> int:
+        """Number of distinct labels."""
+        return len(self.label_names)
+
+    @property
+    def majority_baseline(self) -> float:
+        """Test accuracy of always predicting the most common training label."""
+        majority = int(np.argmax(np.bincount(self.train_labels, minlength=self.num_labels)))
+        return float(np.mean(self.test_labels == majority))
