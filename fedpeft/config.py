@@ -1,0 +1,292 @@
+"""The one typed configuration of a fedpeft run.
+
+A run is described by TOML sections that mirror the dataclasses below
+(``[federation]``, ``[data]``, ``[model]``, ``[peft]``, ``[train]``,
+``[strategy]``, ``[dp]``, ``[audit]``). ``load_config`` reads a file, applies
+``--set section.key=value`` overrides and validates everything before a single
+model weight is loaded, so a typo costs a second, not a run.
+
+Every field carries its help text and its valid range in ``metadata`` so the
+error for a bad value can name the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpeft.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
+
+
+def _f(default: Any, help: str, **limits: Any) -> Any:
+    """A dataclass field with a help string and optional ``min``/``max``/``choices``."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **limits})
+    return field(default=default, metadata={"help": help, **limits})
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = _f(10, "clients in the federation (1 = centralised reference)", min=1)
+    clients_per_round: int = _f(0, "clients sampled each round (0 = all)", min=0)
+    num_rounds: int = _f(6, "federated rounds", min=1)
+    seed: int = _f(0, "seed for sampling, initialisation and local batches", min=0)
+    engine: str = _f("simulation", "execution engine", choices=("simulation",))
+    client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
+    client_threads: int = _f(1, "torch threads in each client worker", min=1)
+    name: str = _f("default", "run name, used in the run folder's name")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("rotten_tomatoes", "dataset name (see fedpeft.data.available_datasets)")
+    partition: str = _f("dirichlet", "how train rows are split over clients", choices=("iid", "dirichlet", "natural"))
+    alpha: float = _f(0.5, "Dirichlet concentration (smaller = more label skew)", min=1e-6)
+    max_examples_per_client: int = _f(0, "cap on each client's rows (0 = no cap)", min=0)
+    max_test_examples: int = _f(0, "evaluate on the first N test rows only (0 = all)", min=0)
+    test_fraction: float = _f(0.1, "held-out global test split", min=0.01, max=0.5)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("minilm", "base model (see `fedpeft.models.available_models`)")
+    max_length: int = _f(48, "tokens per example after truncation", min=4, max=512)
+    dropout: float = _f(0.1, "base-model dropout (0 turns it off)", min=0.0, max=0.9)
+
+
+@dataclass
+class PeftConfig:
+    method: str = _f("lora", "adapter method", choices=("lora",))
+    r: int = _f(8, "LoRA rank", min=1, max=1024)
+    alpha: float = _f(16.0, "LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rslora)", min=0.0)
+    target_modules: list = _f([], "module names that get adapters ([] = the model's default)")
+    dropout: float = _f(0.0, "dropout on the LoRA input", min=0.0, max=0.9)
+    rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = _f(10, "optimizer steps per client per round", min=1)
+    batch_size: int = _f(16, "examples per local step", min=1)
+    lr: float = _f(3e-3, "AdamW learning rate of the adapter and head", min=0.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
+    eval_batch_size: int = _f(128, "examples per forward pass in evaluation", min=1)
+
+
+@dataclass
+class DPConfig:
+    mode: str = _f("none", "differential privacy", choices=("none",))
+    target_epsilon: float = _f(0.0, "epsilon to calibrate the noise for (0 = use noise_multiplier)", min=0.0)
+    delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee", min=0.0, max=1.0)
+    noise_multiplier: float = _f(1.0, "Gaussian noise std / clipping norm", min=0.0)
+    max_grad_norm: float = _f(1.0, "clipping norm", min=0.0)
+
+
+@dataclass
+class Config:
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # The strategy's own parameters are not known until its class is: they are
+    # kept as a plain table and checked against the class in ``validate``.
+    strategy: dict = field(default_factory=lambda: {"name": "fedit"})
+    dp: DPConfig = field(default_factory=DPConfig)
+    audit: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled each round, with 0 resolved to all of them."""
+        n = self.federation.clients_per_round
+        return self.federation.num_clients if n == 0 else n
+
+    @property
+    def strategy_name(self) -> str:
+        return str(self.strategy.get("name", "fedit"))
+
+    @property
+    def strategy_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.strategy.items() if k != "name"}
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the field type; ints are accepted for floats."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is list and isinstance(value, tuple):
+        return list(value)
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_limits(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key} = {value!r} is out of range; it must be >= {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key} = {value!r} is out of range; it must be <= {hi}")
+
+
+def _build_section(name: str, table: Any) -> Any:
+    section_field = SECTIONS[name]
+    cls = section_field.default_factory  # type: ignore[misc]
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table of keys, got {table!r}")
+    if not dataclasses.is_dataclass(cls):
+        base = cls()
+        base.update(table)
+        return base
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        full = f"{name}.{key}"
+        if key not in known:
+            raise ConfigError(f"unknown key {full}; valid keys in [{name}]: {', '.join(known)}")
+        value = _coerce(full, value, hints[key])
+        _check_limits(full, value, known[key].metadata)
+        values[key] = value
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``section.key=value``; the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like section.key=value")
+    path, raw = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. train.lr=0.001")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts[0], parts[1], value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
+
+
+def config_from_dict(tables: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested tables."""
+    sections = {}
+    for name, table in tables.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}]; valid sections: {', '.join(SECTIONS)}")
+        sections[name] = _build_section(name, table)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read ``path`` (default: the embedded default), apply ``--set`` overrides, validate."""
+    tables = _read_toml(Path(path) if path else DEFAULT_CONFIG)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        tables.setdefault(section, {})
+        if not isinstance(tables[section], dict):
+            raise ConfigError(f"--set {text!r}: [{section}] is not a table")
+        tables[section][key] = value
+    return config_from_dict(tables)
+
+
+def config_from_run_config(run_config: typing.Mapping[str, Any]) -> Config:
+    """The config of a ``flwr run .`` launch.
+
+    ``config-file`` names a TOML file (default: the embedded default); every
+    other ``section.key`` entry of Flower's run config overrides that key, so
+    ``flwr run . --run-config "train.lr=0.01"`` works like ``--set``.
+    """
+    path = run_config.get("config-file") or None
+    tables = _read_toml(Path(path) if path else DEFAULT_CONFIG)
+    for key, value in run_config.items():
+        if key in ("config-file", "out"):
+            continue
+        section, _, name = str(key).partition(".")
+        if not name:
+            raise ConfigError(f"run config key {key!r} must look like section.key")
+        tables.setdefault(section, {})[name] = value
+    return config_from_dict(tables)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks and registry look-ups that a single field cannot do."""
+    fed = cfg.federation
+    if fed.clients_per_round > fed.num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round = {fed.clients_per_round} exceeds "
+            f"federation.num_clients = {fed.num_clients}; use a value in 0..{fed.num_clients} (0 = all)"
+        )
+    from fedpeft.data import available_datasets
+
+    if cfg.data.dataset not in available_datasets():
+        raise ConfigError(
+            f"data.dataset = {cfg.data.dataset!r} is not valid; choose one of: {', '.join(available_datasets())}"
+        )
+    from fedpeft.models import available_models
+
+    if cfg.model.name not in available_models():
+        raise ConfigError(f"model.name = {cfg.model.name!r} is not valid; choose one of: {', '.join(available_models())}")
+    if not all(isinstance(m, str) and m for m in cfg.peft.target_modules):
+        raise ConfigError(f"peft.target_modules must be a list of module names, got {cfg.peft.target_modules!r}")
+    build_strategy(cfg)
+
+
+def build_strategy(cfg: Config):
+    """The configured strategy instance; unknown names and parameters are config errors."""
+    import strategies
+
+    name = cfg.strategy.get("name", "fedit")
+    if not isinstance(name, str):
+        raise ConfigError(f"strategy.name must be a string, got {name!r}")
+    try:
+        cls = strategies.get(name)
+        params = dict(cfg.strategy_params)
+        params.setdefault("seed", cfg.federation.seed)
+        return cls.from_params(params)
+    except strategies.UnknownStrategyError as exc:
+        raise ConfigError(exc.args[0] if exc.args else str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"strategy {name!r}: {exc}") from None
+
+
+def field_help() -> dict[str, str]:
+    """``section.key`` -> help text, for the CLI and the docs."""
+    out = {}
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory  # type: ignore[misc]
+        if dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                out[f"{section.name}.{f.name}"] = f.metadata.get("help", "")
+    return out

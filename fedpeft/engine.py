@@ -1,0 +1,66 @@
+"""The execution engine: Flower's simulation runtime with its Ray backend.
+
+This is the one place that calls ``flwr.simulation.run_simulation`` (deprecated
+upstream in favour of ``flwr run``, which fedpeft also supports through
+``[tool.flwr.app]`` in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from fedpeft.config import Config
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def quiet_environment() -> None:
+    """Offline, no telemetry, and only warnings from Flower and Ray."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in ("flwr", "ray", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def run_simulation_engine(cfg: Config, out: Path, on_round=None) -> None:
+    """Run ``cfg`` in Flower's simulation engine; results land in ``out``.
+
+    Ray starts once per call (about 7 s) and keeps one worker per
+    ``federation.client_cpus`` cores; each worker loads the model once.
+    """
+    quiet_environment()
+    from flwr.simulation import run_simulation
+
+    from fedpeft.client import make_client_app
+    from fedpeft.server import make_server_app
+
+    server_app = make_server_app(cfg, out, on_round)
+    client_app = make_client_app(cfg)
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count(),
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+            "include_dashboard": False,
+        },
+    }
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.federation.num_clients,
+        backend_config=backend_config,
+    )

@@ -1,0 +1,106 @@
+"""The model a process keeps resident: frozen base + LoRA adapter, loaded once.
+
+Each Flower message swaps an adapter payload into this model instead of
+building a new one, so a worker pays the model load once per run, not once
+per round (DESIGN.md, "Principles").
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedpeft.config import Config
+from fedpeft.models.lora import PREFIX, attach_lora, load_trainable_state, module_scalings, to_payload, to_peft_state, trainable_state
+from fedpeft.models.registry import get_model_spec
+from strategies import Payload
+
+
+@dataclass
+class ResidentModel:
+    """A peft model plus what is needed to swap payloads in and out of it."""
+
+    model: object  # peft.PeftModel
+    tokenizer: object
+    task: str
+    scalings: dict[str, float]
+    total_params: int
+
+    originals: dict = field(default_factory=dict)
+
+    def set_payload(self, payload: Payload) -> None:
+        """Load factors and extras; add residuals to the frozen base weights."""
+        load_trainable_state(self.model, to_peft_state(payload))
+        self._set_residuals(payload.residuals)
+
+    def _set_residuals(self, residuals) -> None:
+        # Residuals are absolute (W = W0 + R), so keep a pristine W0 of every
+        # module that ever got one and rebuild from it each time.
+        for module in set(self.originals) | set(residuals):
+            weight = self.model.get_submodule(PREFIX + module).base_layer.weight
+            if module not in self.originals:
+                self.originals[module] = weight.detach().clone()
+            new = self.originals[module]
+            if module in residuals:
+                new = new + torch.from_numpy(np.asarray(residuals[module], dtype=np.float32))
+            weight.data.copy_(new)
+
+    def payload(self) -> Payload:
+        """The adapter's current trainable tensors as factors + extras."""
+        return to_payload(trainable_state(self.model), self.scalings)
+
+    @property
+    def trainable_params(self) -> int:
+        return int(sum(p.numel() for p in self.model.parameters() if p.requires_grad))
+
+    def full_model_nbytes(self) -> int:
+        """Bytes of every base-model parameter in float32: what full fine-tuning would ship."""
+        return 4 * self.total_params
+
+
+_CACHE: dict[tuple, ResidentModel] = {}
+_LOCK = threading.Lock()
+
+
+def _key(cfg: Config, num_labels: int) -> tuple:
+    p = cfg.peft
+    return (cfg.model.name, cfg.model.dropout, num_labels, p.r, p.alpha, tuple(p.target_modules), p.dropout, p.rslora, cfg.federation.seed)
+
+
+def resident_model(cfg: Config, num_labels: int) -> ResidentModel:
+    """This process's model for ``cfg``, loaded on first use and then reused."""
+    key = _key(cfg, num_labels)
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _load(cfg, num_labels)
+        return _CACHE[key]
+
+
+def _load(cfg: Config, num_labels: int) -> ResidentModel:
+    spec = get_model_spec(cfg.model.name)
+    # The new task head is initialised from torch's global RNG: seed it so the
+    # server's initial state, which every client receives, is reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.federation.seed)
+        base, tokenizer = spec.load(num_labels=num_labels, dropout=cfg.model.dropout)
+    total = int(sum(p.numel() for p in base.parameters()))
+    targets = cfg.peft.target_modules or list(spec.default_targets)
+    model = attach_lora(
+        base,
+        spec.task,
+        r=cfg.peft.r,
+        alpha=cfg.peft.alpha,
+        target_modules=targets,
+        dropout=cfg.peft.dropout,
+        rslora=cfg.peft.rslora,
+        seed=cfg.federation.seed,
+    )
+    return ResidentModel(model=model, tokenizer=tokenizer, task=spec.task, scalings=module_scalings(model), total_params=total)
+
+
+def frozen_fingerprint(model) -> dict[str, np.ndarray]:
+    """Copies of every frozen parameter, to prove training never touched them."""
+    return {n: p.detach().clone().numpy() for n, p in model.named_parameters() if not p.requires_grad}

@@ -1,0 +1,64 @@
+"""Everything a process builds once from the config: data, shards, model, strategy.
+
+Clients (one Ray worker each) and the server each hold one ``Runtime`` per
+config for the whole run; Flower messages then only move adapter arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from fedpeft.config import Config, build_strategy
+from fedpeft.data import TextClassificationData, load_dataset, partition_indices
+from fedpeft.models.resident import ResidentModel, resident_model
+from fedpeft.training import EncodedSplit, encoded_splits
+
+
+@dataclass
+class Runtime:
+    cfg: Config
+    data: TextClassificationData
+    model: ResidentModel
+
+    @cached_property
+    def strategy(self):
+        return build_strategy(self.cfg)
+
+    @cached_property
+    def splits(self) -> tuple[EncodedSplit, EncodedSplit]:
+        key = (self.cfg.data.dataset, self.cfg.data.test_fraction, self.cfg.model.name, self.cfg.model.max_length)
+        return encoded_splits(self.data, self.model.tokenizer, self.cfg.model.max_length, key)
+
+    @cached_property
+    def shards(self) -> list[np.ndarray]:
+        d = self.cfg.data
+        return partition_indices(
+            self.data,
+            d.partition,
+            self.cfg.federation.num_clients,
+            alpha=d.alpha,
+            seed=self.cfg.federation.seed,
+            max_examples_per_client=d.max_examples_per_client or None,
+        )
+
+
+_RUNTIMES: dict[str, Runtime] = {}
+_LOCK = threading.Lock()
+
+
+def runtime(cfg: Config, threads: int | None = None) -> Runtime:
+    """This process's runtime for ``cfg`` (built on first call)."""
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    with _LOCK:
+        if key not in _RUNTIMES:
+            if threads:
+                torch.set_num_threads(threads)
+            data = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction)
+            _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(cfg, data.num_labels))
+        return _RUNTIMES[key]

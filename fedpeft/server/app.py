@@ -1,0 +1,158 @@
+"""Flower ``ServerApp``: one federation from initial adapter to run folder.
+
+The server keeps its own resident copy of the model for centralised
+evaluation (round 0 included) and for exporting the final adapter.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft.config import Config, config_from_run_config
+from fedpeft.runtime import Runtime, runtime
+from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload
+from fedpeft.server.run_folder import RunFolder, machine_description
+from fedpeft.training import evaluate
+from fedpeft.wire import METRICS, to_array_record
+
+OnRound = Callable[[dict[str, Any]], None]
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.name}"
+
+
+def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
+    """Ask every node for its partition id: fedpeft client id -> Flower node id.
+
+    Flower gives simulated nodes random ids; mapping them to partition ids is
+    what makes client sampling reproducible. Answering also makes each worker
+    load its model before round 1, so round timings are not skewed by it.
+    """
+    node_ids = list(grid.get_node_ids())
+    messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+    mapping: dict[int, int] = {}
+    errors = []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            errors.append(reply.error.reason)
+            continue
+        mapping[int(reply.content[METRICS]["partition-id"])] = reply.metadata.src_node_id
+    if len(mapping) != num_clients:
+        detail = f": {errors[0]}" if errors else ""
+        raise RuntimeError(f"only {len(mapping)} of {num_clients} clients answered{detail}")
+    return mapping
+
+
+def evaluate_global(rt: Runtime, state) -> dict[str, float]:
+    rt.model.set_payload(global_payload(state))
+    _, test = rt.splits
+    return evaluate(rt.model.model, test, task=rt.model.task, batch_size=rt.cfg.train.eval_batch_size, limit=rt.cfg.data.max_test_examples)
+
+
+def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None = None) -> dict[str, Any]:
+    """Run every round of ``cfg`` on ``grid`` and write the run folder ``out``."""
+    t0 = time.time()
+    folder = RunFolder(out)
+    folder.create()
+    rt = runtime(cfg, threads=os.cpu_count())
+    strategy = rt.strategy
+    initial = rt.model.payload()
+    state = strategy.initialize(initial.factors, extras=initial.extras)
+    node_ids = discover_clients(grid, cfg.federation.num_clients)
+    flower = FlowerLoRAStrategy(strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed)
+    totals = {"up": 0, "down": 0}
+    history: list[dict[str, Any]] = []
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        result = evaluate_global(rt, flower.state)
+        log_ = flower.rounds.get(server_round)
+        up, down = (log_.bytes_up, log_.bytes_down) if log_ else (0, 0)
+        totals["up"] += up
+        totals["down"] += down
+        line = {
+            "round": server_round,
+            **result,
+            "train_loss": log_.train_loss if log_ else None,
+            "bytes_up": up,
+            "bytes_down": down,
+            "cum_bytes_up": totals["up"],
+            "cum_bytes_down": totals["down"],
+            "clients": log_.clients if log_ else [],
+            "failed": log_.failed if log_ else [],
+            "epsilon": None,
+            "wall_s": round(time.time() - t0, 3),
+        }
+        history.append(line)
+        folder.append_metrics(line)
+        folder.save_checkpoint(flower.state, {"round": server_round, "cum_bytes_up": totals["up"], "cum_bytes_down": totals["down"]})
+        if on_round:
+            on_round(line)
+        return MetricRecord({k: float(v) for k, v in result.items()})
+
+    flower.start(
+        grid=grid,
+        initial_arrays=to_array_record(initial.arrays()),
+        num_rounds=cfg.federation.num_rounds,
+        evaluate_fn=evaluate_fn,
+    )
+    rt.model.set_payload(global_payload(flower.state))
+    folder.export_adapter(rt.model.model)
+    final = history[-1]
+    summary = {
+        "name": cfg.federation.name,
+        "strategy": cfg.strategy_name,
+        "strategy_params": strategy.params(),
+        "model": cfg.model.name,
+        "task": rt.model.task,
+        "dataset": cfg.data.dataset,
+        "partition": cfg.data.partition,
+        "num_rounds": cfg.federation.num_rounds,
+        "num_clients": cfg.federation.num_clients,
+        "clients_per_round": cfg.clients_per_round,
+        "final_accuracy": final["accuracy"],
+        "final_loss": final["loss"],
+        "final_perplexity": final.get("perplexity"),
+        "initial_accuracy": history[0]["accuracy"],
+        "majority_baseline": rt.data.majority_baseline if rt.model.task == "classification" else None,
+        "bytes_up": totals["up"],
+        "bytes_down": totals["down"],
+        "full_finetune_bytes_per_round": 2 * cfg.clients_per_round * rt.model.full_model_nbytes(),
+        "trainable_params": rt.model.trainable_params,
+        "total_params": rt.model.total_params,
+        "epsilon": None,
+        "delta": None,
+        "wall_s": round(time.time() - t0, 3),
+        "seed": cfg.federation.seed,
+        "machine": machine_description(),
+        "config": cfg.to_dict(),
+    }
+    folder.write_summary(summary)
+    folder.write_report(summary, history)
+    return summary
+
+
+def make_server_app(cfg: Config | None = None, out: Path | None = None, on_round: OnRound | None = None) -> ServerApp:
+    """A ServerApp for ``cfg`` writing to ``out``; without them, both come from the
+    run config (``flwr run .``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        conf = cfg if cfg is not None else config_from_run_config(context.run_config)
+        target = out or Path(str(context.run_config.get("out") or default_run_dir(conf)))
+        run_federation(grid, conf, target, on_round)
+
+    return app
+
+
+# ``flwr run .`` loads this object (pyproject [tool.flwr.app.components]).
+app = make_server_app()

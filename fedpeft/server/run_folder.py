@@ -1,0 +1,79 @@
+"""The run folder of DESIGN.md: metrics, summary, adapter, checkpoint, report.
+
+Files are written so that a crash never leaves a half-written one: JSON goes
+to a temporary name first and is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from strategies import ServerState
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+ADAPTER = "adapter"
+CHECKPOINT = "checkpoint"
+
+
+def machine_description() -> str:
+    import torch
+
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    tmp.replace(path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class RunFolder:
+    """Writer of one run's folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / METRICS).write_text("")
+
+    def append_metrics(self, line: dict[str, Any]) -> None:
+        with open(self.path / METRICS, "a") as fh:
+            fh.write(json.dumps(line, default=_jsonable) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        with open(self.path / METRICS) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.path / SUMMARY, summary)
+
+    def export_adapter(self, peft_model) -> Path:
+        """The global adapter in peft's own format (adapter_config.json + safetensors)."""
+        target = self.path / ADAPTER
+        peft_model.save_pretrained(target)
+        return target
+
+    def save_checkpoint(self, state: ServerState, meta: dict[str, Any]) -> None:
+        target = self.path / CHECKPOINT
+        state.save(target / "state")
+        write_json(target / "progress.json", meta)
+
+    def write_report(self, summary: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
+        from fedpeft.reporting import write_plots, write_report
+
+        write_plots(self.path, summary, metrics)
+        write_report(self.path, summary, metrics)

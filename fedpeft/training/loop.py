@@ -1,0 +1,92 @@
+"""Local optimisation steps and evaluation of a (peft) model on encoded data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fedpeft.training.batches import EncodedSplit
+
+
+def _forward_loss(model, batch: dict[str, torch.Tensor], task: str):
+    if task == "causal_lm":
+        out = model(**batch)
+        return out.loss, out.logits
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits, labels), logits
+
+
+def batch_schedule(indices: np.ndarray, steps: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``steps`` batches drawn epoch by epoch without replacement from ``indices``."""
+    indices = np.asarray(indices)
+    if len(indices) == 0:
+        raise ValueError("cannot train on an empty shard")
+    size = min(batch_size, len(indices))
+    order, pos, out = rng.permutation(indices), 0, []
+    for _ in range(steps):
+        if pos + size > len(order):
+            order, pos = rng.permutation(indices), 0
+        out.append(order[pos : pos + size])
+        pos += size
+    return out
+
+
+def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, batch_size: int, lr: float,
+                weight_decay: float, seed: int) -> dict[str, float]:
+    """Run ``steps`` AdamW steps on the trainable parameters; returns train metrics.
+
+    Batches and dropout depend only on ``seed``, so a client's work is
+    reproducible whichever worker process runs it.
+    """
+    rng = np.random.default_rng(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch_idx in batch_schedule(indices, steps, batch_size, rng):
+            loss, _ = _forward_loss(model, split.batch(batch_idx, task), task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    model.eval()
+    return {"train_loss": float(np.mean(losses)), "steps": float(len(losses))}
+
+
+@torch.inference_mode()
+def evaluate(model, split: EncodedSplit, *, task: str, batch_size: int, limit: int = 0) -> dict[str, float]:
+    """Accuracy and mean loss (plus perplexity for a causal LM) on ``split``.
+
+    Examples are batched by length so padding costs little; the result does not
+    depend on the order.
+    """
+    n = len(split) if limit <= 0 else min(limit, len(split))
+    lengths = split.lengths()[:n]
+    order = np.argsort(lengths, kind="stable")
+    was_training = model.training
+    model.eval()
+    loss_sum = correct = count = 0.0
+    for start in range(0, n, batch_size):
+        batch = split.batch(order[start : start + batch_size], task)
+        loss, logits = _forward_loss(model, batch, task)
+        if task == "causal_lm":
+            targets = batch["labels"][:, 1:]
+            valid = targets != -100
+            tokens = float(valid.sum())
+            correct += float(((logits[:, :-1].argmax(-1) == targets) & valid).sum())
+            loss_sum += float(loss) * tokens
+            count += tokens
+        else:
+            correct += float((logits.argmax(-1) == batch["labels"]).sum())
+            loss_sum += float(loss) * len(batch["labels"])
+            count += len(batch["labels"])
+    model.train(was_training)
+    metrics = {"accuracy": correct / count, "loss": loss_sum / count}
+    if task == "causal_lm":
+        metrics["perplexity"] = math.exp(metrics["loss"])
+    return metrics
