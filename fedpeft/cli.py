@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedpeft.errors import FedPeftError
 
@@ -26,7 +27,8 @@ OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<time
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: messages name sections as "[train]", which rich would eat as markup.
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -44,12 +46,20 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
 
     quiet_environment()
     from fedpeft.config import load_config
+
+    # Validate the config and --out before importing torch and Flower (seconds).
+    try:
+        cfg = load_config(config, set_ or [])
+    except FedPeftError as exc:
+        fail(str(exc))
+    if out is not None:
+        prepare_out(out, out)
+
     from fedpeft.reporting import round_table
     from fedpeft.runtime import runtime
     from fedpeft.server.app import default_run_dir
 
     try:
-        cfg = load_config(config, set_ or [])
         target = prepare_out(out, default_run_dir(cfg))
         with console.status("loading data and model"):
             # The server runs in this process: loading here first turns a

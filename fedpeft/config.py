@@ -13,6 +13,7 @@ error for a bad value can name the key and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -136,6 +137,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return list(value)
     if not isinstance(value, tp):
         raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is float and not math.isfinite(value):  # nan slips past every min/max check
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     return value
 
 
@@ -193,7 +196,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
 
 
