@@ -30,8 +30,7 @@ run: setup
 	$(BIN)/fedpeft run
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow" -q
-	$(BIN)/python -m pytest -m slow -q -k "ci"
+	$(BIN)/python -m pytest -m "not slow or ci" -q
 
 test-all: setup
 	$(BIN)/python -m pytest -q

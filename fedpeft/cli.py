@@ -98,11 +98,26 @@ def list_strategies() -> None:
 
 
 def main() -> None:
+    import click
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `fedpeft`: help is the answer
+        print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
+        sys.exit(0)
+    except click.UsageError as exc:  # unknown option, missing value: one line, like config errors
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

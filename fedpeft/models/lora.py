@@ -22,14 +22,20 @@ _FACTOR_SUFFIX = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 _TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
 
 
-def attach_lora(model, task: str, r: int, alpha: float, target_modules, dropout: float, rslora: bool, seed: int):
-    """Wrap ``model`` in a peft LoRA adapter; the initial factors depend only on ``seed``."""
+def attach_lora(model, task: str, r: int, alpha: float, target_modules, dropout: float, rslora: bool, seed: int,
+                head_modules=()):
+    """Wrap ``model`` in a peft LoRA adapter; the initial factors depend only on ``seed``.
+
+    ``head_modules`` train in full (peft's ``modules_to_save``) and travel with
+    the adapter, as a task head must.
+    """
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         target_modules=list(target_modules),
         lora_dropout=dropout,
         use_rslora=rslora,
+        modules_to_save=list(head_modules) or None,
         task_type=_TASK_TYPES[task],
     )
     with torch.random.fork_rng(devices=[]):

@@ -24,6 +24,11 @@ def model_dir():
     "minilm",
     task="classification",
     default_targets=("query", "value"),
+    # BERT's classification head is pooler + classifier. The pooler was never
+    # trained for sentence embeddings (all-MiniLM uses mean pooling), and
+    # training it with the classifier lifts the default run from about 0.62 to
+    # 0.76 test accuracy for the same steps (measured, see README).
+    head_modules=("pooler.dense", "classifier"),
     description="all-MiniLM-L6-v2, 22.7M-param BERT, sequence classification",
 )
 def load_minilm(num_labels: int, dropout: float):

@@ -25,6 +25,8 @@ class ModelSpec:
         with cross-entropy on labels, or next-token prediction on the text.
     default_targets : tuple of str
         Module names LoRA adapts when ``peft.target_modules`` is empty.
+    head_modules : tuple of str
+        The task head: modules trained in full and sent with the adapter.
     load : callable
         ``load(num_labels, dropout) -> (model, tokenizer)``; the model comes
         back in eval mode with every parameter frozen.
@@ -35,6 +37,7 @@ class ModelSpec:
     name: str
     task: Task
     default_targets: tuple[str, ...]
+    head_modules: tuple[str, ...]
     load: Callable
     description: str
 
@@ -42,13 +45,14 @@ class ModelSpec:
 _MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, task: Task, default_targets: tuple[str, ...], description: str):
+def register_model(name: str, task: Task, default_targets: tuple[str, ...], description: str,
+                   head_modules: tuple[str, ...] = ()):
     """Register ``load(num_labels, dropout)`` as base model ``name``."""
 
     def deco(load: Callable) -> Callable:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = ModelSpec(name, task, tuple(default_targets), load, description)
+        _MODELS[name] = ModelSpec(name, task, tuple(default_targets), tuple(head_modules), load, description)
         return load
 
     return deco

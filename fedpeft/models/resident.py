@@ -97,6 +97,7 @@ def _load(cfg: Config, num_labels: int) -> ResidentModel:
         dropout=cfg.peft.dropout,
         rslora=cfg.peft.rslora,
         seed=cfg.federation.seed,
+        head_modules=spec.head_modules,
     )
     return ResidentModel(model=model, tokenizer=tokenizer, task=spec.task, scalings=module_scalings(model), total_params=total)
 

@@ -1,0 +1,133 @@
+"""The resident model, the LoRA bridge and the wire format, on the real MiniLM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedpeft.config import load_config
+from fedpeft.errors import ConfigError
+from fedpeft.models.lora import PREFIX
+from fedpeft.models.resident import frozen_fingerprint
+from fedpeft.runtime import runtime
+from fedpeft.training import evaluate, train_steps
+from fedpeft.wire import from_array_record, nbytes, to_array_record
+from strategies import LoRAFactors, Payload
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return runtime(load_config(None, ["data.max_test_examples=64"]))
+
+
+def random_payload(template: Payload, seed: int) -> Payload:
+    """Same keys and shapes as ``template``, random non-zero values (B != 0 too)."""
+    rng = np.random.default_rng(seed)
+    factors = {
+        m: LoRAFactors(
+            A=rng.normal(0, 0.1, f.A.shape).astype(np.float32),
+            B=rng.normal(0, 0.1, f.B.shape).astype(np.float32),
+            scaling=f.scaling,
+        )
+        for m, f in template.factors.items()
+    }
+    extras = {k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in template.extras.items()}
+    return Payload(factors=factors, extras=extras)
+
+
+def test_only_adapter_and_head_are_trainable_and_sent(rt):
+    payload = rt.model.payload()
+    trainable = {n for n, p in rt.model.model.named_parameters() if p.requires_grad}
+    assert all(("lora_" in n) or ("modules_to_save" in n) for n in trainable)
+    # The payload holds exactly the trainable tensors, no frozen weight.
+    sent = sum(a.size for a in payload.arrays().values())
+    assert sent == rt.model.trainable_params
+    assert set(payload.factors) == {m for m in rt.model.scalings}
+    assert all(m.endswith(("query", "value")) for m in payload.factors)
+    assert payload.factors[next(iter(payload.factors))].scaling == pytest.approx(16 / 8)
+
+
+def test_training_changes_adapter_but_never_base_weights(rt):
+    before = frozen_fingerprint(rt.model.model)
+    start = rt.model.payload()
+    split, _ = rt.splits
+    train_steps(rt.model.model, split, rt.shards[0][:64], task=rt.model.task, steps=2, batch_size=8, lr=1e-2,
+                weight_decay=0.0, seed=1)
+    after = frozen_fingerprint(rt.model.model)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    moved = rt.model.payload()
+    assert any(not np.array_equal(moved.factors[m].B, start.factors[m].B) for m in start.factors)
+    rt.model.set_payload(start)
+
+
+def test_payload_round_trips_through_model_and_array_record(rt):
+    original = rt.model.payload()
+    payload = random_payload(original, seed=0)
+    rt.model.set_payload(payload)
+    back = rt.model.payload()
+    for m, f in payload.factors.items():
+        assert np.array_equal(back.factors[m].A, f.A) and np.array_equal(back.factors[m].B, f.B)
+    for k, v in payload.extras.items():
+        assert np.array_equal(back.extras[k], v)
+    arrays = payload.arrays()
+    record = to_array_record(arrays)
+    decoded = from_array_record(record)
+    assert decoded.keys() == arrays.keys()
+    assert all(np.array_equal(decoded[k], arrays[k]) and decoded[k].dtype == np.float32 for k in arrays)
+    assert nbytes(decoded) == payload.nbytes
+    rt.model.set_payload(original)
+
+
+def test_residual_is_added_to_base_weight_and_removed_again(rt):
+    original = rt.model.payload()
+    module = sorted(original.factors)[0]
+    weight = rt.model.model.get_submodule(PREFIX + module).base_layer.weight
+    w0 = weight.detach().clone()
+    residual = np.full(tuple(weight.shape), 0.01, dtype=np.float32)
+    rt.model.set_payload(Payload(factors=original.factors, residuals={module: residual}, extras=original.extras))
+    assert torch.allclose(weight, w0 + 0.01)
+    rt.model.set_payload(original)
+    assert torch.equal(weight, w0)
+
+
+def test_peft_export_reproduces_logits(rt, tmp_path):
+    """`PeftModel.from_pretrained` on a fresh base gives fedpeft's logits."""
+    from peft import PeftModel
+
+    from fedpeft.models.minilm import load_minilm
+    from fedpeft.server.run_folder import RunFolder
+
+    original = rt.model.payload()
+    rt.model.set_payload(random_payload(original, seed=3))
+    _, test = rt.splits
+    batch = test.batch(np.arange(16), "classification")
+    with torch.inference_mode():
+        ours = rt.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    folder = RunFolder(tmp_path)
+    target = folder.export_adapter(rt.model.model)
+    assert (target / "adapter_config.json").is_file() and (target / "adapter_model.safetensors").is_file()
+    base, _ = load_minilm(num_labels=2, dropout=0.1)
+    loaded = PeftModel.from_pretrained(base, target).eval()
+    with torch.inference_mode():
+        theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    rt.model.set_payload(original)
+
+
+def test_evaluate_is_order_independent_and_matches_a_plain_loop(rt):
+    _, test = rt.splits
+    metrics = evaluate(rt.model.model, test, task=rt.model.task, batch_size=7, limit=40)
+    correct = 0
+    with torch.inference_mode():
+        for i in range(40):
+            b = test.batch([i], "classification")
+            correct += int(rt.model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax() == b["labels"][0])
+    assert metrics["accuracy"] == pytest.approx(correct / 40)
+
+
+def test_unknown_target_module_is_a_config_error():
+    cfg = load_config(None, ['peft.target_modules=["nonexistent_proj"]'])
+    with pytest.raises(ConfigError, match="peft.target_modules"):
+        runtime(cfg)
