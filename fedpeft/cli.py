@@ -7,6 +7,7 @@ written; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -86,6 +87,30 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
     metrics = RunFolder(target).read_metrics()
     Console().print(round_table(metrics))
     print(f"run folder: {target}")
+
+
+@app.command()
+def bench(
+    name: Optional[List[str]] = typer.Option(None, "--name", "-n", help="Benchmark to run (repeatable; default: all)."),
+    set_: Optional[List[str]] = SetOpt,
+    out: Path = typer.Option(Path("bench-results/bench.json"), "--out", "-o", help="Where to write the JSON results."),
+) -> None:
+    """Run the performance benchmarks; print and write their ratios as JSON."""
+    from fedpeft.engine import quiet_environment
+
+    quiet_environment()
+    from fedpeft.bench import BENCHMARKS, run_benchmarks, write_results
+
+    unknown = [n for n in name or [] if n not in BENCHMARKS]
+    if unknown:
+        fail(f"--name {unknown[0]!r} is not a benchmark; choose from: {', '.join(BENCHMARKS)}")
+    try:
+        results = run_benchmarks(name, set_ or [])
+    except FedPeftError as exc:
+        fail(str(exc))
+    write_results(results, out)
+    print(json.dumps(results, indent=2))
+    print(f"written: {out}", file=sys.stderr)
 
 
 @app.command("strategies")

@@ -41,6 +41,7 @@ class FederationConfig:
     engine: str = _f("simulation", "execution engine", choices=("simulation",))
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
     client_threads: int = _f(1, "torch threads in each client worker", min=1)
+    client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")
     name: str = _f("default", "run name, used in the run folder's name")
 
 

@@ -29,8 +29,15 @@ def quiet_environment() -> None:
     """Offline, no telemetry, and only warnings from Flower and Ray."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    for name in ("flwr", "ray", "transformers", "peft"):
+    for name in ("ray", "transformers", "peft"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Flower warns at every start that run_simulation is deprecated; fedpeft
+    # knows (and supports `flwr run .` too), so only its errors are shown.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 

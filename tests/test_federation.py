@@ -18,6 +18,7 @@ SMALL = [
     "data.max_examples_per_client=300",
     "data.max_test_examples=256",
     "federation.name=e2e",
+    "federation.client_eval=true",
 ]
 SUMMARY_KEYS = {
     "strategy", "num_rounds", "num_clients", "final_accuracy", "final_loss", "bytes_up", "bytes_down",
@@ -68,6 +69,8 @@ def test_bytes_are_the_adapter_payload_both_ways(small_run):
     per_client = 4 * summary["trainable_params"]  # float32, fedit sends A, B and the head both ways
     for m in metrics[1:]:
         assert len(m["clients"]) == 3 and m["failed"] == []
+        assert sorted(m["client_accuracy"]) == ["0", "1", "2"]
+        assert all(0.0 <= a <= 1.0 for a in m["client_accuracy"].values())
         assert m["bytes_up"] == m["bytes_down"] == 3 * per_client
     assert summary["bytes_up"] == sum(m["bytes_up"] for m in metrics)
     assert summary["full_finetune_bytes_per_round"] == 2 * 3 * 4 * summary["total_params"]

@@ -58,6 +58,12 @@ def evaluate_global(rt: Runtime, state) -> dict[str, float]:
     return evaluate(rt.model.model, test, task=rt.model.task, batch_size=rt.cfg.train.eval_batch_size, limit=rt.cfg.data.max_test_examples)
 
 
+def _client_accuracy(log_) -> dict[str, Any]:
+    """Each client's accuracy on its own shard (``federation.client_eval``)."""
+    per_client = (log_.client_accuracy or {}) if log_ else {}
+    return {"client_accuracy": {str(c): a for c, a in per_client.items()}}
+
+
 def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None = None) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid`` and write the run folder ``out``."""
     t0 = time.time()
@@ -68,7 +74,9 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
     initial = rt.model.payload()
     state = strategy.initialize(initial.factors, extras=initial.extras)
     node_ids = discover_clients(grid, cfg.federation.num_clients)
-    flower = FlowerLoRAStrategy(strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed)
+    flower = FlowerLoRAStrategy(
+        strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval=cfg.federation.client_eval
+    )
     totals = {"up": 0, "down": 0}
     history: list[dict[str, Any]] = []
 
@@ -88,6 +96,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
             "cum_bytes_down": totals["down"],
             "clients": log_.clients if log_ else [],
             "failed": log_.failed if log_ else [],
+            **(_client_accuracy(log_) if cfg.federation.client_eval else {}),
             "epsilon": None,
             "wall_s": round(time.time() - t0, 3),
         }

@@ -47,6 +47,7 @@ class RoundLog:
     bytes_up: int = 0
     failed: list[dict] = field(default_factory=list)
     train_loss: float | None = None
+    client_accuracy: dict[int, float] | None = None
 
 
 class FlowerLoRAStrategy(FlowerStrategy):
@@ -64,9 +65,13 @@ class FlowerLoRAStrategy(FlowerStrategy):
         Clients sampled each round.
     seed : int
         Seed of the client sampling.
+    client_eval : bool
+        Also evaluate on every client's shard after each round.
     """
 
-    def __init__(self, strategy: LoRAStrategy, state: ServerState, node_ids: dict[int, int], clients_per_round: int, seed: int):
+    def __init__(self, strategy: LoRAStrategy, state: ServerState, node_ids: dict[int, int], clients_per_round: int,
+                 seed: int, client_eval: bool = False):
+        self.client_eval = client_eval
         self.strategy = strategy
         self.state = state
         self.node_ids = dict(node_ids)
@@ -121,10 +126,33 @@ class FlowerLoRAStrategy(FlowerStrategy):
         log_.train_loss = float(np.average(losses, weights=w if w.sum() > 0 else None))
         return to_array_record(global_payload(self.state).arrays()), MetricRecord({"train_loss": log_.train_loss})
 
-    # Evaluation is centralised (``evaluate_fn`` on the server's test set), so no
-    # client-side evaluation round is configured.
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []
+        """With ``client_eval``, every client evaluates the model it would use on its own shard."""
+        if not self.client_eval:
+            return []
+        messages = []
+        for cid, node in sorted(self.node_ids.items()):
+            payload = self.strategy.payload_for(self.state, str(cid))
+            content = RecordDict(
+                {ARRAYS: to_array_record(payload.arrays()), CONFIG: ConfigRecord({"server-round": server_round}),
+                 SCALINGS: scalings_record(payload.scalings())}
+            )
+            messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        log_ = self.rounds.setdefault(server_round, RoundLog())
+        accuracies, sizes = {}, {}
+        for msg in replies:
+            cid = self._client_of_node.get(msg.metadata.src_node_id, msg.metadata.src_node_id)
+            if msg.has_error():
+                log_.failed.append({"client": cid, "reason": f"evaluate: {msg.error.reason}"})
+                continue
+            metrics = msg.content[METRICS]
+            accuracies[int(cid)] = float(metrics["accuracy"])
+            sizes[int(cid)] = int(metrics["num-examples"])
+        if not accuracies:
+            return None
+        log_.client_accuracy = dict(sorted(accuracies.items()))
+        mean = float(np.average(list(accuracies.values()), weights=list(sizes.values())))
+        return MetricRecord({"client_accuracy": mean})
