@@ -268,6 +268,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.name = {cfg.model.name!r} is not valid; choose one of: {', '.join(available_models())}")
     if not all(isinstance(m, str) and m for m in cfg.peft.target_modules):
         raise ConfigError(f"peft.target_modules must be a list of module names, got {cfg.peft.target_modules!r}")
+    if not cfg.peft.target_modules:  # resolved here so summary.json names the real modules
+        from fedpeft.models import get_model_spec
+
+        cfg.peft.target_modules = list(get_model_spec(cfg.model.name).default_targets)
     build_strategy(cfg)
 
 
