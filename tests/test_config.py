@@ -149,8 +149,9 @@ def test_overrides_on_a_user_file(tmp_path):
     cfg = load_config(f, ["train.lr=0.25"])
     assert cfg.federation.num_clients == 3
     assert cfg.train.lr == 0.25
-    # Sections absent from the file take the dataclass defaults.
-    assert cfg.peft == type(cfg.peft)()
+    # Sections absent from the file take the dataclass defaults, with the
+    # model's default LoRA targets resolved.
+    assert cfg.peft == type(cfg.peft)(target_modules=["query", "value"])
 
 
 def test_config_from_run_config():
