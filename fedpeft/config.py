@@ -232,14 +232,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 def config_from_run_config(run_config: typing.Mapping[str, Any]) -> Config:
     """The config of a ``flwr run .`` launch.
 
-    ``config-file`` names a TOML file (default: the embedded default); every
-    other ``section.key`` entry of Flower's run config overrides that key, so
-    ``flwr run . --run-config "train.lr=0.01"`` works like ``--set``.
+    Flower's run config (pyproject's ``[tool.flwr.app.config]`` plus
+    ``--run-config`` overrides) holds the scalar keys as ``section.key``; they
+    override the embedded default, whose lists (``peft.target_modules``) stay.
+    ``out`` names the run folder.
     """
-    path = run_config.get("config-file") or None
-    tables = _read_toml(Path(path) if path else DEFAULT_CONFIG)
+    tables = _read_toml(DEFAULT_CONFIG)
     for key, value in run_config.items():
-        if key in ("config-file", "out"):
+        if key == "out":
             continue
         section, _, name = str(key).partition(".")
         if not name:

@@ -155,7 +155,7 @@ def test_overrides_on_a_user_file(tmp_path):
 
 
 def test_config_from_run_config():
-    cfg = config_from_run_config({"config-file": "", "train.lr": 0.01})
+    cfg = config_from_run_config({"train.lr": 0.01})
     assert cfg.train.lr == 0.01
     assert dataclasses.replace(cfg, train=load_config().train) == load_config()
 

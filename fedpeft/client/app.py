@@ -16,6 +16,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import Config, config_from_run_config
+from fedpeft.engine import quiet_environment
 from fedpeft.runtime import runtime
 from fedpeft.training import evaluate, train_steps
 from fedpeft.wire import ARRAYS, CONFIG, METRICS, SCALINGS, from_array_record, to_array_record
@@ -33,6 +34,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
     app = ClientApp()
 
     def setup(context: Context):
+        quiet_environment()
         conf = cfg if cfg is not None else config_from_run_config(context.run_config)
         rt = runtime(conf, threads=conf.federation.client_threads)
         return conf, rt, int(context.node_config["partition-id"])

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.config import Config, config_from_run_config
+from fedpeft.engine import quiet_environment
 from fedpeft.runtime import Runtime, runtime
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload
 from fedpeft.server.run_folder import RunFolder, machine_description
@@ -156,6 +157,7 @@ def make_server_app(cfg: Config | None = None, out: Path | None = None, on_round
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        quiet_environment()
         conf = cfg if cfg is not None else config_from_run_config(context.run_config)
         target = out or Path(str(context.run_config.get("out") or default_run_dir(conf)))
         run_federation(grid, conf, target, on_round)
