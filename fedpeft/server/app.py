@@ -39,6 +39,11 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> di
     load its model before round 1, so round timings are not skewed by it.
     """
     node_ids = list(grid.get_node_ids())
+    if len(node_ids) != num_clients:
+        raise RuntimeError(
+            f"the federation has {len(node_ids)} nodes but federation.num_clients = {num_clients}; "
+            "start as many nodes as clients (flwr run: --federation-config \"num-supernodes=N\")"
+        )
     messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     mapping: dict[int, int] = {}
     errors = []
