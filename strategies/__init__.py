@@ -16,8 +16,14 @@ from .base import Strategy
 from .registry import UnknownStrategyError, available, describe, get, register
 from .state import ClientUpdate, LoRAFactors, Payload, ServerState
 
-# Built-in rules: importing a module registers it.
-from . import fedit  # noqa: E402,F401  (isort: skip)
+# Built-in rules, one per module: importing a module registers its rule.
+import importlib as _importlib  # noqa: E402
+import pkgutil as _pkgutil  # noqa: E402
+
+_INFRASTRUCTURE = {"base", "registry", "state", "testing", "utils"}
+for _module in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
+    if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [
     "LoRAFactors",
