@@ -58,7 +58,9 @@ class Strategy:
         :func:`strategies.testing.check_strategy`.
     heterogeneous_ranks : bool
         True if clients may return factors of a rank other than the one they
-        were sent.
+        were sent. Such a rule takes ``client_ranks`` in :meth:`initialize`
+        and its :meth:`payload_for` sends each client factors at
+        :meth:`client_rank`.
     train_parts : tuple of {"A", "B"}
         Factors clients train; the others stay frozen (FFA-LoRA: ``("B",)``).
     upload_parts : tuple of {"A", "B"}
@@ -133,16 +135,60 @@ class Strategy:
 
     # -- server state ---------------------------------------------------------
     def initialize(
-        self, factors: Mapping[str, LoRAFactors], extras: Mapping[str, np.ndarray] | None = None
+        self,
+        factors: Mapping[str, LoRAFactors],
+        extras: Mapping[str, np.ndarray] | None = None,
+        client_ranks: Mapping[str, int] | None = None,
     ) -> ServerState:
-        """Round-0 state from the model's initial adapter (copied)."""
+        """Round-0 state from the model's initial adapter (copied).
+
+        Parameters
+        ----------
+        factors : dict[str, LoRAFactors]
+            The model's initial adapter, per module. With heterogeneous client
+            ranks a rule may keep the global factors at the largest rank.
+        extras : dict[str, np.ndarray], optional
+            Other trainable tensors (classifier head).
+        client_ranks : dict[str, int], optional
+            Client id -> LoRA rank that client trains at (heterogeneous
+            ranks). Stored as ``state.meta["client_ranks"]`` (a JSON dict
+            ``str -> int``) and read back with :meth:`client_rank`; a
+            heterogeneous-rank rule's :meth:`payload_for` sends each client
+            factors at its rank.
+        """
         for m, f in factors.items():
             if not isinstance(f, LoRAFactors):
                 raise TypeError(f"factors[{m!r}] must be LoRAFactors, got {type(f).__name__}")
+        meta: dict[str, Any] = {}
+        if client_ranks is not None:
+            meta["client_ranks"] = self._check_client_ranks(client_ranks)
         return ServerState(
             factors={m: f.copy() for m, f in factors.items()},
             extras={n: np.array(x, copy=True) for n, x in (extras or {}).items()},
+            meta=meta,
         )
+
+    def _check_client_ranks(self, client_ranks: Mapping[str, int]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for cid, r in dict(client_ranks).items():
+            if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or int(r) < 1:
+                raise ValueError(
+                    f"{self.label}: client_ranks[{str(cid)!r}] must be a positive integer, got {r!r}"
+                )
+            out[str(cid)] = int(r)
+        return dict(sorted(out.items()))
+
+    def client_rank(self, state: ServerState, client_id: str, module: str) -> int:
+        """The LoRA rank ``client_id`` trains ``module`` at:
+        ``state.meta["client_ranks"][client_id]`` if the federation has
+        heterogeneous ranks and names this client, else the rank of the global
+        factors of ``module``."""
+        ranks = state.meta.get("client_ranks") or {}
+        if str(client_id) in ranks:
+            return int(ranks[str(client_id)])
+        if module not in state.factors:
+            raise KeyError(f"unknown module {module!r}; modules: {', '.join(state.factors) or '(none)'}")
+        return state.factors[module].rank
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> ServerState:
         """One server round: the new state from the clients' updates.

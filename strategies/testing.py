@@ -24,6 +24,7 @@ CHECKS = (
     "payload_delta",
     "mutation",
     "shapes",
+    "ranks",
     "exact",
     "determinism",
     "order",
@@ -108,11 +109,13 @@ def check_strategy(
 
     Builds a seeded random federation (two modules, a classifier head,
     ``clients`` clients, ``rounds`` rounds; heterogeneous ranks if the class
-    says it supports them) in which each client starts from its payload, and
+    says it supports them, passed as ``initialize(..., client_ranks=...)``)
+    in which each client starts from its payload, and
     checks: one-line description; empty update list raises ValueError; bytes
     down/up equal the sizes of the arrays sent, and what is uploaded is the
     update's own arrays; the payload's delta matches ``effective_delta`` for
-    that client; inputs are not mutated; shapes and finiteness; exactness if
+    that client; inputs are not mutated; shapes and finiteness; payloads at
+    ``S.client_rank`` for heterogeneous-rank rules; exactness if
     ``S.exact``; determinism across instances; independence of update order;
     no NaN when every ``num_examples`` is 0; exact checkpoint round trip.
 
@@ -167,7 +170,12 @@ def check_strategy(
         for (m, (d_out, d_in)), scaling in zip(MODULES.items(), (2.0, 0.5))
     }
     head = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in EXTRAS.items()}
-    state = s.initialize(init, extras=head)
+    client_ids = [str(c) for c in range(clients - 1)] + [str(10 * clients)]  # "10" < "2": order matters
+    if s.heterogeneous_ranks:  # ranks 1, 2, 3, 1, ...: at most the initial rank 3
+        client_ranks = {cid: 1 + k % 3 for k, cid in enumerate(client_ids)}
+        state = s.initialize(init, extras=head, client_ranks=client_ranks)
+    else:
+        state = s.initialize(init, extras=head)
     if not isinstance(state, ServerState):
         fail("shapes", f"initialize() returned {type(state).__name__}, not ServerState")
     if sorted(MODULES) != state.modules:
@@ -181,7 +189,6 @@ def check_strategy(
         else:
             fail("empty", "aggregate(state, []) must raise ValueError")
 
-    client_ids = [str(c) for c in range(clients - 1)] + [str(10 * clients)]  # "10" < "2": order matters
     for rnd in range(rounds):
         updates = []
         for k, cid in enumerate(client_ids):
@@ -200,7 +207,10 @@ def check_strategy(
                              "residual + scaling * B @ A != state.effective_delta(m, client_id)")
             factors = {}
             for m, f in payload.factors.items():
-                rank = 1 + (k % 3) if s.heterogeneous_ranks else f.rank
+                rank = client_ranks[cid] if s.heterogeneous_ranks else f.rank
+                if on("ranks") and s.heterogeneous_ranks and f.rank != s.client_rank(state, cid, m):
+                    fail("ranks", f"round {rnd}: payload for client {cid} has rank {f.rank} for {m}, "
+                         f"client_rank says {s.client_rank(state, cid, m)}")
                 new = random_factors(rng, *f.shape, rank, f.scaling)
                 t = s.trainable(m)
                 A = new.A if t["A"] or rank != f.rank else f.A
