@@ -131,3 +131,43 @@ def test_unknown_target_module_is_a_config_error():
     cfg = load_config(None, ['peft.target_modules=["nonexistent_proj"]'])
     with pytest.raises(ConfigError, match="peft.target_modules"):
         runtime(cfg)
+
+
+def test_lower_rank_payload_trains_at_exactly_its_rank(rt):
+    """A rank-4 client on the rank-8 resident model: the zero padding never moves."""
+    from fedpeft.models.lora import trainable_state
+
+    original = rt.model.payload()
+    rng = np.random.default_rng(5)
+    low = Payload(
+        factors={m: LoRAFactors(A=rng.normal(0, 0.1, (4, f.A.shape[1])).astype(np.float32),
+                                B=rng.normal(0, 0.1, (f.B.shape[0], 4)).astype(np.float32), scaling=4.0)
+                 for m, f in original.factors.items()},
+        extras=original.extras,
+    )
+    rt.model.set_payload(low)
+    split, _ = rt.splits
+    train_steps(rt.model.model, split, rt.shards[0][:64], task=rt.model.task, steps=2, batch_size=8, lr=1e-2,
+                weight_decay=0.0, seed=2)
+    back = rt.model.payload()
+    assert all(f.rank == 4 and f.scaling == 4.0 for f in back.factors.values())
+    full = trainable_state(rt.model.model)
+    a_keys = [k for k in full if k.endswith("lora_A.weight")]
+    assert all(np.all(full[k][4:] == 0) for k in a_keys)
+    assert any(not np.array_equal(back.factors[m].A, low.factors[m].A) for m in low.factors)
+    rt.model.set_payload(original)
+    assert all(f.rank == 8 for f in rt.model.payload().factors.values())
+
+
+def test_strategy_can_freeze_a_factor(rt):
+    original = rt.model.payload()
+    rt.model.set_payload(random_payload(original, seed=7), trainable=lambda m: {"A": False, "B": True})
+    start = rt.model.payload()
+    split, _ = rt.splits
+    train_steps(rt.model.model, split, rt.shards[0][:64], task=rt.model.task, steps=2, batch_size=8, lr=1e-2,
+                weight_decay=0.0, seed=3)
+    after = rt.model.payload()
+    assert all(np.array_equal(after.factors[m].A, start.factors[m].A) for m in start.factors)
+    assert any(not np.array_equal(after.factors[m].B, start.factors[m].B) for m in start.factors)
+    rt.model.set_payload(original)
+    assert all(p.requires_grad for n, p in rt.model.model.named_parameters() if "lora_" in n)

@@ -49,7 +49,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         conf, rt, cid = setup(context)
         server_round = int(msg.content[CONFIG]["server-round"])
         payload = Payload.from_arrays(from_array_record(msg.content[ARRAYS]), dict(msg.content[SCALINGS]))
-        rt.model.set_payload(payload)
+        rt.model.set_payload(payload, trainable=rt.strategy.trainable)
         split, _ = rt.splits
         shard = rt.shards[cid]
         t = conf.train

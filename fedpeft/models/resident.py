@@ -8,6 +8,7 @@ per round (DESIGN.md, "Principles").
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from fedpeft.config import Config
 from fedpeft.models.lora import PREFIX, attach_lora, load_trainable_state, module_scalings, to_payload, to_peft_state, trainable_state
 from fedpeft.models.registry import get_model_spec
-from strategies import Payload
+from strategies import LoRAFactors, Payload
 
 
 @dataclass
@@ -29,18 +30,44 @@ class ResidentModel:
     scalings: dict[str, float]
     total_params: int
 
+    rank: int = 0
     originals: dict = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
 
-    def set_payload(self, payload: Payload) -> None:
-        """Load factors and extras; add residuals to the frozen base weights."""
-        load_trainable_state(self.model, to_peft_state(payload))
+    def set_payload(self, payload: Payload, trainable: Callable[[str], dict[str, bool]] | None = None) -> None:
+        """Load a payload into the model.
+
+        Factors of a lower rank than the model's are zero-padded: the padded
+        rows of A and columns of B get zero gradients, so they stay zero and the
+        client trains at exactly its own rank. Each module takes the payload's
+        scaling. Residuals are added to the frozen base weights. ``trainable``
+        (a strategy's ``trainable``) freezes factors that must not train.
+        """
+        padded = {}
+        for module, f in payload.factors.items():
+            if f.rank > self.rank:
+                raise ValueError(f"{module}: rank {f.rank} exceeds the model's LoRA rank {self.rank}")
+            pad = self.rank - f.rank
+            padded[module] = LoRAFactors(A=np.pad(f.A, ((0, pad), (0, 0))), B=np.pad(f.B, ((0, 0), (0, pad))), scaling=f.scaling)
+            self.ranks[module] = f.rank
+            self._layer(module).scaling["default"] = float(f.scaling)
+            self.scalings[module] = float(f.scaling)
+        load_trainable_state(self.model, to_peft_state(Payload(factors=padded, extras=payload.extras)))
         self._set_residuals(payload.residuals)
+        for module in payload.factors:
+            parts = trainable(module) if trainable else {"A": True, "B": True}
+            layer = self._layer(module)
+            layer.lora_A["default"].weight.requires_grad_(bool(parts["A"]))
+            layer.lora_B["default"].weight.requires_grad_(bool(parts["B"]))
+
+    def _layer(self, module: str):
+        return self.model.get_submodule(PREFIX + module)
 
     def _set_residuals(self, residuals) -> None:
         # Residuals are absolute (W = W0 + R), so keep a pristine W0 of every
         # module that ever got one and rebuild from it each time.
         for module in set(self.originals) | set(residuals):
-            weight = self.model.get_submodule(PREFIX + module).base_layer.weight
+            weight = self._layer(module).base_layer.weight
             if module not in self.originals:
                 self.originals[module] = weight.detach().clone()
             new = self.originals[module]
@@ -49,8 +76,13 @@ class ResidentModel:
             weight.data.copy_(new)
 
     def payload(self) -> Payload:
-        """The adapter's current trainable tensors as factors + extras."""
-        return to_payload(trainable_state(self.model), self.scalings)
+        """The adapter's current factors (at the rank last loaded) and extras."""
+        full = to_payload(trainable_state(self.model), self.scalings)
+        factors = {}
+        for module, f in full.factors.items():
+            r = self.ranks.get(module, self.rank)
+            factors[module] = LoRAFactors(A=f.A[:r].copy(), B=f.B[:, :r].copy(), scaling=f.scaling)
+        return Payload(factors=factors, extras=full.extras)
 
     @property
     def trainable_params(self) -> int:
@@ -99,7 +131,9 @@ def _load(cfg: Config, num_labels: int) -> ResidentModel:
         seed=cfg.federation.seed,
         head_modules=spec.head_modules,
     )
-    return ResidentModel(model=model, tokenizer=tokenizer, task=spec.task, scalings=module_scalings(model), total_params=total)
+    return ResidentModel(
+        model=model, tokenizer=tokenizer, task=spec.task, scalings=module_scalings(model), total_params=total, rank=cfg.peft.r
+    )
 
 
 def frozen_fingerprint(model) -> dict[str, np.ndarray]:
