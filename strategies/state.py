@@ -19,12 +19,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["LoRAFactors", "ClientUpdate", "ServerState", "Payload", "flat_key", "split_key"]
+__all__ = ["LoRAFactors", "ClientUpdate", "ServerState", "Payload", "flat_key", "split_key", "NEW_CLIENT"]
 
 STATE_JSON = "state.json"
 STATE_ARRAYS = "state.safetensors"
 FORMAT = "fedpeft.strategies.ServerState"
 FORMAT_VERSION = 1
+
+# Key of ``ServerState.client_factors`` for clients the strategy keeps nothing
+# for yet (e.g. a personalised rule's starting point for a newcomer).
+NEW_CLIENT = "*"
 
 # Flat wire/checkpoint keys: "<kind>/<name>", kind one of these.
 KINDS = ("lora_A", "lora_B", "residual", "extra")
@@ -224,7 +228,9 @@ class ServerState:
     client_factors : dict[str, dict[str, LoRAFactors]]
         Per-client factors a strategy keeps (personalised parts, per-rank
         truncations). They replace the global factors of that module for that
-        client in :meth:`effective_delta` and in the default payload.
+        client in :meth:`effective_delta` and in the default payload. The
+        entry ``NEW_CLIENT`` (``"*"``), if present, is used for clients that
+        have no entry of their own.
     round : int
         Number of aggregations done so far.
     meta : dict
@@ -260,6 +266,9 @@ class ServerState:
             own = self.client_factors.get(str(client_id), {})
             if module in own:
                 return own[module]
+            new = self.client_factors.get(NEW_CLIENT, {})
+            if module in new:
+                return new[module]
         return self.factors.get(module)
 
     def effective_delta(self, module: str, client_id: str | None = None, dtype: Any = None) -> np.ndarray:
@@ -317,9 +326,12 @@ class ServerState:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {}
+        stored: dict[int, str] = {}  # id -> key: an array shared by several entries is written once
 
         def put(a: np.ndarray, label: str) -> str:
-            key = f"{len(arrays)}:{label}"  # numbered: unique whatever the names
+            if id(a) in stored:
+                return stored[id(a)]
+            key = stored[id(a)] = f"{len(arrays)}:{label}"  # numbered: unique whatever the names
             # not np.ascontiguousarray: it turns 0-d arrays into 1-d ones
             arrays[key] = a if a.flags.c_contiguous else a.copy(order="C")
             return key
