@@ -70,6 +70,8 @@ class PeftConfig:
     target_modules: list = _f([], "module names that get adapters ([] = the model's default)")
     dropout: float = _f(0.0, "dropout on the LoRA input", min=0.0, max=0.9)
     rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
+    client_ranks: list = _f([], "per-client LoRA ranks, e.g. [4, 8, 16] ([] = every client uses r)")
+    rank_assignment: str = _f("round_robin", "how client_ranks are given out", choices=("round_robin", "random"))
 
 
 @dataclass
@@ -272,7 +274,36 @@ def validate(cfg: Config) -> None:
         from fedpeft.models import get_model_spec
 
         cfg.peft.target_modules = list(get_model_spec(cfg.model.name).default_targets)
-    build_strategy(cfg)
+    strategy = build_strategy(cfg)
+    ranks = cfg.peft.client_ranks
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        raise ConfigError(f"peft.client_ranks must be a list of positive integers, got {ranks!r}")
+    if len(set(ranks)) > 1 and not strategy.heterogeneous_ranks:
+        import strategies
+
+        able = [n for n in strategies.available() if strategies.get(n).heterogeneous_ranks]
+        raise ConfigError(
+            f"peft.client_ranks = {ranks} mixes ranks, which strategy {cfg.strategy_name!r} cannot aggregate; "
+            f"use one of: {', '.join(able)}"
+        )
+
+
+def client_ranks(cfg: Config) -> dict[int, int]:
+    """Each client's LoRA rank: ``peft.client_ranks`` dealt round-robin or by a
+    seeded draw; ``peft.r`` for everyone when the list is empty."""
+    ranks = cfg.peft.client_ranks or [cfg.peft.r]
+    n = cfg.federation.num_clients
+    if cfg.peft.rank_assignment == "random":
+        import numpy as np
+
+        drawn = np.random.default_rng([cfg.federation.seed, 7919]).choice(ranks, size=n)
+        return {c: int(r) for c, r in enumerate(drawn)}
+    return {c: int(ranks[c % len(ranks)]) for c in range(n)}
+
+
+def max_rank(cfg: Config) -> int:
+    """The LoRA rank of the resident model: large enough for every client."""
+    return max(cfg.peft.client_ranks or [cfg.peft.r])
 
 
 def build_strategy(cfg: Config):

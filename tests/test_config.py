@@ -330,3 +330,22 @@ def test_non_utf8_file(tmp_path):
     f = tmp_path / "latin1.toml"
     f.write_bytes(b"[federation]\nname = '\xe9t\xe9'\n")
     assert "TOML" in error(path=f)
+
+
+def test_client_ranks_round_robin_and_seeded_draw():
+    from fedpeft.config import client_ranks, max_rank
+
+    cfg = load_config(None, ["peft.client_ranks=[4, 8, 16]", "strategy.name=flora", "federation.num_clients=5"])
+    assert client_ranks(cfg) == {0: 4, 1: 8, 2: 16, 3: 4, 4: 8}
+    assert max_rank(cfg) == 16
+    drawn = load_config(None, ["peft.client_ranks=[4, 8, 16]", "strategy.name=flora", "peft.rank_assignment=random"])
+    assert client_ranks(drawn) == client_ranks(drawn) and set(client_ranks(drawn).values()) <= {4, 8, 16}
+    assert client_ranks(load_config()) == {c: 8 for c in range(10)}
+
+
+@pytest.mark.parametrize("ranks, needle", [("[4, 0]", "positive integers"), ('["a"]', "positive integers"),
+                                           ("[4, 8]", "cannot aggregate")])
+def test_bad_client_ranks_are_config_errors(ranks, needle):
+    with pytest.raises(ConfigError, match=needle) as err:
+        load_config(None, [f"peft.client_ranks={ranks}"])
+    assert "peft.client_ranks" in str(err.value)

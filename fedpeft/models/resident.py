@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedpeft.config import Config
+from fedpeft.config import Config, max_rank
 from fedpeft.models.lora import PREFIX, attach_lora, load_trainable_state, module_scalings, to_payload, to_peft_state, trainable_state
 from fedpeft.models.registry import get_model_spec
 from strategies import LoRAFactors, Payload
@@ -99,7 +99,7 @@ _LOCK = threading.Lock()
 
 def _key(cfg: Config, num_labels: int) -> tuple:
     p = cfg.peft
-    return (cfg.model.name, cfg.model.dropout, num_labels, p.r, p.alpha, tuple(p.target_modules), p.dropout, p.rslora, cfg.federation.seed)
+    return (cfg.model.name, cfg.model.dropout, num_labels, max_rank(cfg), p.alpha, tuple(p.target_modules), p.dropout, p.rslora, cfg.federation.seed)
 
 
 def resident_model(cfg: Config, num_labels: int) -> ResidentModel:
@@ -123,7 +123,7 @@ def _load(cfg: Config, num_labels: int) -> ResidentModel:
     model = attach_lora(
         base,
         spec.task,
-        r=cfg.peft.r,
+        r=max_rank(cfg),
         alpha=cfg.peft.alpha,
         target_modules=targets,
         dropout=cfg.peft.dropout,
@@ -132,7 +132,7 @@ def _load(cfg: Config, num_labels: int) -> ResidentModel:
         head_modules=spec.head_modules,
     )
     return ResidentModel(
-        model=model, tokenizer=tokenizer, task=spec.task, scalings=module_scalings(model), total_params=total, rank=cfg.peft.r
+        model=model, tokenizer=tokenizer, task=spec.task, scalings=module_scalings(model), total_params=total, rank=max_rank(cfg)
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.config import Config, config_from_run_config
+from fedpeft.config import Config, client_ranks, config_from_run_config
 from fedpeft.engine import quiet_environment
 from fedpeft.runtime import Runtime, runtime
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload
@@ -78,7 +78,8 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
     rt = runtime(cfg, threads=os.cpu_count())
     strategy = rt.strategy
     initial = rt.model.payload()
-    state = strategy.initialize(initial.factors, extras=initial.extras)
+    ranks = {str(c): r for c, r in client_ranks(cfg).items()} if cfg.peft.client_ranks else None
+    state = strategy.initialize(initial.factors, extras=initial.extras, client_ranks=ranks)
     node_ids = discover_clients(grid, cfg.federation.num_clients)
     flower = FlowerLoRAStrategy(
         strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval=cfg.federation.client_eval
