@@ -33,7 +33,7 @@ class FedSALoRA(Strategy):
     State: client ``cid``'s factors are ``state.client_factors[cid][m] =
     (A, B_i, s_i)``, refreshed to the new global ``A`` every round (one shared
     array, written once in checkpoints). Clients never seen get the initial
-    factors, kept as ``state.client_factors["*"]`` (``strategies.NEW_CLIENT``),
+    factors, kept as ``state.client_factors["*"]`` (``strategies.state.NEW_CLIENT``),
     with the current ``A``. ``state.factors[m]`` (what centralised evaluation
     uses) is the global ``A`` with the example-weighted mean of the kept
     ``B``'s of every client seen so far, ``s B = sum_j q_j s_j B_j``, ``q_j``
@@ -60,7 +60,8 @@ class FedSALoRA(Strategy):
     ) -> ServerState:
         state = super().initialize(factors, extras, client_ranks)
         # newcomers start from the initial factors (shared arrays, immutable)
-        return state.replace(client_factors={NEW_CLIENT: dict(state.factors)}, meta={**state.meta, "num_examples": {}})
+        meta = {**state.meta, "num_examples": {}}
+        return state.replace(client_factors={NEW_CLIENT: dict(state.factors)}, meta=meta)
 
     def aggregate_factors(
         self, state: ServerState, updates: Sequence[ClientUpdate], weights: np.ndarray
@@ -85,6 +86,9 @@ class FedSALoRA(Strategy):
                     fs[m] = LoRAFactors(A, fs[m].B, fs[m].scaling)
             clients = sorted(c for c in kept if c != NEW_CLIENT and m in kept[c])
             q = normalise([counts.get(c, 0) for c in clients])
-            B = weighted_sum([kept[c][m].B for c in clients], [qi * kept[c][m].scaling / s for qi, c in zip(q, clients)])
+            B = weighted_sum(
+                [kept[c][m].B for c in clients], [qi * kept[c][m].scaling / s for qi, c in zip(q, clients)]
+            )
             factors[m] = LoRAFactors(A, B, s)
-        return state.replace(factors=factors, client_factors=kept, meta={**state.meta, "num_examples": dict(sorted(counts.items()))})
+        meta = {**state.meta, "num_examples": dict(sorted(counts.items()))}
+        return state.replace(factors=factors, client_factors=kept, meta=meta)
