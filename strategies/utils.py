@@ -18,6 +18,11 @@ __all__ = [
     "weighted_mean_extras",
     "seeded_rng",
     "detach",
+    "pad_rank",
+    "truncate_rank",
+    "tail_norms",
+    "lowrank_svd",
+    "complete_rows",
 ]
 
 
@@ -119,3 +124,89 @@ def detach(new: ServerState, old: ServerState, updates: Sequence[ClientUpdate]) 
         round=new.round,
         meta=json.loads(json.dumps(new.meta)),  # a copy, and proof it is JSON
     )
+
+
+# -- low-rank helpers (heterogeneous ranks, SVD re-factorisation) ---------------
+
+
+def pad_rank(f: LoRAFactors, rank: int) -> LoRAFactors:
+    """``f`` zero-padded to ``rank`` (extra rows of A, columns of B are 0);
+    the product ``B @ A`` is unchanged. ``rank`` must be ``>= f.rank``."""
+    if rank < f.rank:
+        raise ValueError(f"cannot pad rank {f.rank} factors down to rank {rank}")
+    extra = rank - f.rank
+    if extra == 0:
+        return f
+    A = np.concatenate([f.A, np.zeros((extra, f.A.shape[1]), f.A.dtype)], axis=0)
+    B = np.concatenate([f.B, np.zeros((f.B.shape[0], extra), f.B.dtype)], axis=1)
+    return LoRAFactors(A, B, f.scaling)
+
+
+def truncate_rank(f: LoRAFactors, rank: int) -> LoRAFactors:
+    """The first ``rank`` components of ``f`` (rows of A, columns of B);
+    ``f`` itself if it is not larger. The arrays may be views of ``f``'s."""
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    if rank >= f.rank:
+        return f
+    return LoRAFactors(f.A[:rank], f.B[:, :rank], f.scaling)
+
+
+def tail_norms(f: LoRAFactors) -> np.ndarray:
+    """``t[k] = ||s * B[:, k:] @ A[k:]||_F`` for ``k = 0..r`` (``t[0]`` is the
+    norm of the whole update, ``t[r] = 0``), from the ``r x r`` Gram matrices
+    (no dense ``d_out x d_in`` product). float64."""
+    A = f.A.astype(np.float64, copy=False)
+    B = f.B.astype(np.float64, copy=False)
+    G = (B.T @ B) * (A @ A.T)  # elementwise: sum(G[k:, k:]) = ||B_k: A_k:||^2
+    r = f.rank
+    sq = np.zeros(r + 1)
+    for k in range(r - 1, -1, -1):  # add row and column k to the trailing block
+        sq[k] = sq[k + 1] + G[k, k] + 2.0 * G[k, k + 1 :].sum()
+    return abs(f.scaling) * np.sqrt(np.maximum(sq, 0.0))
+
+
+def lowrank_svd(B: np.ndarray, A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD of ``B @ A`` (``B``: m x k, ``A``: k x n) in float64:
+    ``U`` (m x q), ``S`` (q,) descending, ``Vt`` (q x n), ``q = min(m, n, k)``.
+
+    With ``k < min(m, n)`` (the usual low-rank case) it uses QR of both
+    factors and an SVD of the small ``k x k`` core, never forming ``B @ A``.
+    """
+    B = np.asarray(B, np.float64)
+    A = np.asarray(A, np.float64)
+    m, k = B.shape
+    n = A.shape[1]
+    if k == 0 or m == 0 or n == 0:
+        q = min(m, n, k)
+        return np.zeros((m, q)), np.zeros(q), np.zeros((q, n))
+    if k >= min(m, n):
+        U, S, Vt = np.linalg.svd(B @ A, full_matrices=False)
+        return U, S, Vt
+    Qb, Rb = np.linalg.qr(B)
+    Qa, Ra = np.linalg.qr(A.T)
+    u, S, vt = np.linalg.svd(Rb @ Ra.T)
+    return Qb @ u, S, vt @ Qa.T
+
+
+def complete_rows(Vt: np.ndarray, rank: int) -> np.ndarray:
+    """``Vt`` (q x n, orthonormal rows) extended to ``rank`` rows: the new rows
+    are orthonormal and orthogonal to ``Vt`` (a deterministic Gram-Schmidt of
+    standard basis vectors), then zero rows once ``n`` rows are used up."""
+    q, n = Vt.shape
+    if rank <= q:
+        return Vt[:rank]
+    rows = [r for r in np.asarray(Vt, np.float64)]
+    while len(rows) < min(rank, n):
+        Q = np.array(rows).reshape(len(rows), n)
+        j = int(np.argmin((Q**2).sum(axis=0))) if rows else 0  # least-covered axis
+        v = np.zeros(n)
+        v[j] = 1.0
+        for _ in range(2):  # Gram-Schmidt twice for stability
+            v = v - Q.T @ (Q @ v) if rows else v
+        v /= np.linalg.norm(v)
+        rows.append(v)
+    out = np.zeros((rank, n))
+    if rows:
+        out[: len(rows)] = np.array(rows)
+    return out
