@@ -71,19 +71,19 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedpeft.engine import run_simulation_engine
+    from fedpeft.engine import run_engine
     from fedpeft.server.run_folder import RunFolder
 
     rounds = cfg.federation.num_rounds
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("starting Ray and client workers", total=rounds)
+        task = progress.add_task("starting client workers", total=rounds)
 
         def on_round(line):
             done = line["round"]
             progress.update(task, completed=done, description=f"round {done}/{rounds}  accuracy {line['accuracy']:.4f}")
 
-        run_simulation_engine(cfg, target, on_round)
+        run_engine(cfg, target, on_round)
     metrics = RunFolder(target).read_metrics()
     Console().print(round_table(metrics))
     print(f"run folder: {target}")
@@ -111,6 +111,42 @@ def bench(
     write_results(results, out)
     print(json.dumps(results, indent=2))
     print(f"written: {out}", file=sys.stderr)
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Option(..., "--config", "-c", help="Sweep TOML: a config plus a [sweep] table (see experiments/)."),
+    set_: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep folder (default: runs/sweeps/<sweep name>); reruns resume."),
+    full: bool = typer.Option(False, "--full", help="Apply the sweep's full-size overrides (sweep.full)."),
+) -> None:
+    """Run a grid of federations (strategies x data splits x seeds) and tabulate them."""
+    from fedpeft.engine import quiet_environment
+
+    quiet_environment()
+    from fedpeft.sweep import load_sweep, run_sweep
+
+    try:
+        spec, runs, _ = load_sweep(config, full, set_ or [])
+    except FedPeftError as exc:
+        fail(str(exc))
+    target = out or Path("runs") / "sweeps" / f"{spec.get('name', config.stem)}{'-full' if full else ''}"
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("sweep", total=len(runs))
+
+        def on_run(done, total, run, result):
+            text = f"{run.strategy} {run.partition} seed {run.seed}"
+            if result is not None:
+                text += f": accuracy {result['accuracy']:.4f}"
+            progress.update(task, completed=done, description=text)
+
+        run_sweep(config, target, full, set_ or [], on_run)
+    print((target / "table.md").read_text())
+    print(f"sweep folder: {target}")
 
 
 @app.command("strategies")

@@ -38,7 +38,8 @@ class FederationConfig:
     clients_per_round: int = _f(0, "clients sampled each round (0 = all)", min=0)
     num_rounds: int = _f(6, "federated rounds", min=1)
     seed: int = _f(0, "seed for sampling, initialisation and local batches", min=0)
-    engine: str = _f("simulation", "execution engine", choices=("simulation",))
+    engine: str = _f("simulation", "simulation (Flower + Ray workers) or inprocess (same apps, direct calls)",
+                     choices=("simulation", "inprocess"))
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
     client_threads: int = _f(1, "torch threads in each client worker", min=1)
     client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")

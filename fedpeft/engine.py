@@ -1,8 +1,13 @@
-"""The execution engine: Flower's simulation runtime with its Ray backend.
+"""Execution engines: where the ServerApp's messages reach the ClientApp.
 
-This is the one place that calls ``flwr.simulation.run_simulation`` (deprecated
-upstream in favour of ``flwr run``, which fedpeft also supports through
-``[tool.flwr.app]`` in pyproject.toml).
+* ``simulation``: Flower's simulation runtime with its Ray backend, one worker
+  process per ``federation.client_cpus`` cores. This is the one place that
+  calls ``flwr.simulation.run_simulation`` (deprecated upstream in favour of
+  ``flwr run``, which fedpeft also supports through ``[tool.flwr.app]``).
+* ``inprocess``: the same ServerApp logic and ClientApp handlers, messages
+  delivered by a direct call in this process. No Ray start-up and one resident
+  model for every client, so short runs and large sweeps are faster; clients
+  run one after another (torch uses all cores for each).
 """
 
 from __future__ import annotations
@@ -40,6 +45,23 @@ def quiet_environment() -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def run_engine(cfg: Config, out: Path, on_round=None) -> None:
+    """Run ``cfg`` on the engine it names; results land in ``out``."""
+    if cfg.federation.engine == "inprocess":
+        run_inprocess_engine(cfg, out, on_round)
+    else:
+        run_simulation_engine(cfg, out, on_round)
+
+
+def run_inprocess_engine(cfg: Config, out: Path, on_round=None) -> None:
+    quiet_environment()
+    from fedpeft.client import make_client_app
+    from fedpeft.server.app import run_federation
+    from fedpeft.server.inprocess_grid import InProcessGrid
+
+    run_federation(InProcessGrid(make_client_app(cfg), cfg.federation.num_clients), cfg, out, on_round)
 
 
 def run_simulation_engine(cfg: Config, out: Path, on_round=None) -> None:

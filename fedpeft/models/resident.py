@@ -31,6 +31,7 @@ class ResidentModel:
     total_params: int
 
     rank: int = 0
+    initial: Payload | None = None  # the seeded initial adapter, before any payload was swapped in
     originals: dict = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
 
@@ -131,9 +132,11 @@ def _load(cfg: Config, num_labels: int) -> ResidentModel:
         seed=cfg.federation.seed,
         head_modules=spec.head_modules,
     )
-    return ResidentModel(
+    resident = ResidentModel(
         model=model, tokenizer=tokenizer, task=spec.task, scalings=module_scalings(model), total_params=total, rank=max_rank(cfg)
     )
+    resident.initial = resident.payload()
+    return resident
 
 
 def frozen_fingerprint(model) -> dict[str, np.ndarray]:

@@ -77,7 +77,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
     folder.create()
     rt = runtime(cfg, threads=os.cpu_count())
     strategy = rt.strategy
-    initial = rt.model.payload()
+    initial = rt.model.initial
     ranks = {str(c): r for c, r in client_ranks(cfg).items()} if cfg.peft.client_ranks else None
     state = strategy.initialize(initial.factors, extras=initial.extras, client_ranks=ranks)
     node_ids = discover_clients(grid, cfg.federation.num_clients)
@@ -97,6 +97,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
             "round": server_round,
             **result,
             "train_loss": log_.train_loss if log_ else None,
+            "aggregation_error": log_.aggregation_error if log_ else None,
             "bytes_up": up,
             "bytes_down": down,
             "cum_bytes_up": totals["up"],

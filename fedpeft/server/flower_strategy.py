@@ -30,6 +30,25 @@ def global_payload(state: ServerState) -> Payload:
     return Payload(factors=dict(state.factors), residuals=dict(state.residuals), extras=dict(state.extras))
 
 
+def aggregation_error(before: ServerState, after: ServerState, updates, weights) -> float:
+    """How far the new global update is from the exact weighted mean of the clients'.
+
+    Per module, ``||(delta_after - residual_before) - sum_i p_i s_i B_i A_i||_F``
+    over the norm of that exact mean, averaged over modules: 0 for the exact
+    rules, the covariance term for FedIT.
+    """
+    errors = []
+    for m in after.factors:
+        exact = sum(w * u.factors[m].delta(np.float64) for w, u in zip(weights, updates) if m in u.factors)
+        if isinstance(exact, int):  # no client touched this module
+            continue
+        residual = before.residuals.get(m)
+        got = after.effective_delta(m, dtype=np.float64) - (0.0 if residual is None else residual.astype(np.float64))
+        norm = np.linalg.norm(exact)
+        errors.append(np.linalg.norm(got - exact) / norm if norm > 0 else np.linalg.norm(got - exact))
+    return float(np.mean(errors)) if errors else 0.0
+
+
 def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
     """The clients of one round: a seeded draw without replacement, sorted."""
     if per_round >= num_clients:
@@ -47,6 +66,7 @@ class RoundLog:
     bytes_up: int = 0
     failed: list[dict] = field(default_factory=list)
     train_loss: float | None = None
+    aggregation_error: float | None = None
     client_accuracy: dict[int, float] | None = None
 
 
@@ -121,7 +141,8 @@ class FlowerLoRAStrategy(FlowerStrategy):
         if not updates:
             reasons = "; ".join(f"client {f['client']}: {f['reason']}" for f in log_.failed) or "no replies"
             raise RuntimeError(f"round {server_round}: every client failed ({reasons})")
-        self.state = self.strategy.aggregate(self.state, updates)
+        before, self.state = self.state, self.strategy.aggregate(self.state, updates)
+        log_.aggregation_error = aggregation_error(before, self.state, updates, self.strategy.weights(updates))
         w = np.asarray(weights, dtype=np.float64)
         log_.train_loss = float(np.average(losses, weights=w if w.sum() > 0 else None))
         return to_array_record(global_payload(self.state).arrays()), MetricRecord({"train_loss": log_.train_loss})

@@ -1,0 +1,191 @@
+"""Sweeps: one config run over a grid of strategies, data splits and seeds.
+
+A sweep file is an ordinary config (its sections are the base of every run)
+plus a ``[sweep]`` table::
+
+    [sweep]
+    name = "strategies"
+    seeds = [0, 1, 2]
+    strategies = ["fedit", "fedex-lora"]
+    partitions = ["iid", "dirichlet:0.5", "natural"]    # dirichlet:<alpha>
+    full = ["federation.num_rounds=6"]                  # applied with --full
+
+Every run writes its own run folder under ``<out>/<strategy>/<partition>/seed<k>``
+and is skipped when that folder already has a ``summary.json``, so an
+interrupted sweep resumes where it stopped. The table (mean ± std over seeds)
+and a plot are written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpeft.config import config_from_dict, parse_override
+from fedpeft.errors import ConfigError
+
+SWEEP_KEYS = {"name", "seeds", "strategies", "partitions", "full", "budget"}
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    strategy: str
+    partition: str
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.strategy) / self.partition / f"seed{self.seed}"
+
+
+def partition_overrides(spec: str) -> list[str]:
+    """``iid`` / ``natural`` / ``dirichlet:<alpha>`` as config overrides."""
+    method, _, alpha = spec.partition(":")
+    out = [f'data.partition="{method}"']
+    if method == "dirichlet":
+        if not alpha:
+            raise ConfigError(f"sweep.partitions: {spec!r} needs an alpha, e.g. 'dirichlet:0.5'")
+        out.append(f"data.alpha={float(alpha)}")
+    elif alpha:
+        raise ConfigError(f"sweep.partitions: {spec!r}: only dirichlet takes a parameter")
+    return out
+
+
+def load_sweep(path: Path, full: bool = False, extra: list[str] | None = None) -> tuple[dict, list[SweepRun], dict]:
+    """The sweep table, its runs, and the base config tables (validated)."""
+    try:
+        tables = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
+    sweep = tables.pop("sweep", None)
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"--config {path}: a sweep file needs a [sweep] table")
+    unknown = set(sweep) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key sweep.{sorted(unknown)[0]}; valid keys in [sweep]: {', '.join(sorted(SWEEP_KEYS))}")
+    overrides = list(sweep.get("full", [])) if full else []
+    overrides += list(extra or [])
+    for text in overrides:
+        section, key, value = parse_override(text)
+        tables.setdefault(section, {})[key] = value
+    runs = []
+    for strategy in sweep.get("strategies", [tables.get("strategy", {}).get("name", "fedit")]):
+        for partition in sweep.get("partitions", ["dirichlet:0.5"]):
+            for seed in sweep.get("seeds", [0]):
+                runs.append(SweepRun(strategy, partition.replace(":", "-"), int(seed),
+                                     (f'strategy.name="{strategy}"', *partition_overrides(partition), f"federation.seed={int(seed)}")))
+    for run in runs:  # every run's config must be valid before the first one starts
+        run_tables(tables, run)
+    return sweep, runs, tables
+
+
+def run_tables(base: dict, run: SweepRun) -> dict:
+    tables = json.loads(json.dumps(base))
+    for text in run.overrides:
+        section, key, value = parse_override(text)
+        tables.setdefault(section, {})[key] = value
+    config_from_dict(json.loads(json.dumps(tables)))
+    return tables
+
+
+def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None = None,
+              on_run: Callable[[int, int, SweepRun, dict | None], None] | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) every run of the sweep and write ``results.jsonl``, ``table.md`` and a plot."""
+    from fedpeft.engine import run_engine
+
+    sweep, runs, base = load_sweep(path, full, extra)
+    results = []
+    for i, run in enumerate(runs):
+        folder = out / run.folder
+        summary_path = folder / "summary.json"
+        if not summary_path.is_file():
+            if folder.exists():  # an interrupted run: start it again from scratch
+                import shutil
+
+                shutil.rmtree(folder)
+            if on_run:
+                on_run(i, len(runs), run, None)
+            cfg = config_from_dict(run_tables(base, run))
+            run_engine(cfg, folder)
+        summary = json.loads(summary_path.read_text())
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        errors = [m["aggregation_error"] for m in metrics if m.get("aggregation_error") is not None]
+        results.append({
+            "strategy": run.strategy, "partition": run.partition, "seed": run.seed,
+            "accuracy": summary["final_accuracy"], "bytes": summary["bytes_up"] + summary["bytes_down"],
+            "wall_s": summary["wall_s"], "aggregation_error": float(np.mean(errors)) if errors else None,
+        })
+        if on_run:
+            on_run(i + 1, len(runs), run, results[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    table = summarise(results)
+    (out / "table.md").write_text(render_table(table, sweep, full))
+    plot_sweep(table, out / "accuracy.png")
+    return results
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    """Mean and std over seeds per (strategy, partition)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["strategy"], r["partition"]), []).append(r)
+    table = {}
+    for key, rows in groups.items():
+        acc = np.array([r["accuracy"] for r in rows])
+        errs = [r["aggregation_error"] for r in rows if r["aggregation_error"] is not None]
+        table[key] = {
+            "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "n": len(rows),
+            "bytes": float(np.mean([r["bytes"] for r in rows])), "wall_s": float(np.mean([r["wall_s"] for r in rows])),
+            "aggregation_error": float(np.mean(errs)) if errs else None,
+        }
+    return table
+
+
+def render_table(table: dict, sweep: dict, full: bool) -> str:
+    from fedpeft.reporting import format_bytes
+
+    strategies = list(dict.fromkeys(k[0] for k in table))
+    partitions = list(dict.fromkeys(k[1] for k in table))
+    head = "| strategy | " + " | ".join(partitions) + " | bytes / run | wall s / run | aggregation error |"
+    lines = [f"# Sweep: {sweep.get('name', 'sweep')}{' (full size)' if full else ''}", "",
+             "Test accuracy, mean ± std over seeds; bytes, time and aggregation error averaged over every cell.", "",
+             head, "|" + "---|" * (len(partitions) + 4)]
+    for s in strategies:
+        cells = [f"{table[(s, p)]['mean']:.3f} ± {table[(s, p)]['std']:.3f}" if (s, p) in table else "–" for p in partitions]
+        rows = [table[(s, p)] for p in partitions if (s, p) in table]
+        errs = [r["aggregation_error"] for r in rows if r["aggregation_error"] is not None]
+        lines.append(f"| {s} | " + " | ".join(cells)
+                     + f" | {format_bytes(np.mean([r['bytes'] for r in rows]))} | {np.mean([r['wall_s'] for r in rows]):.0f}"
+                     + f" | {np.mean(errs):.2e} |" if errs else " | – |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(table: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    strategies = list(dict.fromkeys(k[0] for k in table))
+    partitions = list(dict.fromkeys(k[1] for k in table))
+    fig = Figure(figsize=(max(6, 1.2 * len(strategies) + 2), 4), dpi=120)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(partitions))
+    for j, p in enumerate(partitions):
+        xs = [i + j * width for i, s in enumerate(strategies) if (s, p) in table]
+        ys = [table[(s, p)]["mean"] for s in strategies if (s, p) in table]
+        es = [table[(s, p)]["std"] for s in strategies if (s, p) in table]
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=p)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(strategies))], strategies, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy")
+    lo = min(v["mean"] - v["std"] for v in table.values())
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.legend(title="partition", fontsize=8)
+    ax.set_title("Accuracy by aggregation rule and data split (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path)
