@@ -121,8 +121,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         num_rounds=cfg.federation.num_rounds,
         evaluate_fn=evaluate_fn,
     )
-    rt.model.set_payload(global_payload(flower.state))
-    folder.export_adapter(rt.model.model)
+    folder.export_adapter(rt.model, global_payload(flower.state))
     final = history[-1]
     summary = {
         "name": cfg.federation.name,

@@ -61,11 +61,11 @@ class RunFolder:
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.path / SUMMARY, summary)
 
-    def export_adapter(self, peft_model) -> Path:
+    def export_adapter(self, resident, payload) -> Path:
         """The global adapter in peft's own format (adapter_config.json + safetensors)."""
-        target = self.path / ADAPTER
-        peft_model.save_pretrained(target)
-        return target
+        from fedpeft.models.export import export_adapter
+
+        return export_adapter(resident, payload, self.path / ADAPTER)
 
     def save_checkpoint(self, state: ServerState, meta: dict[str, Any]) -> None:
         target = self.path / CHECKPOINT
