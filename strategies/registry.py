@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Callable, TypeVar
 
 from .base import Strategy
@@ -89,6 +91,11 @@ def _load(path: str) -> type[Strategy]:
             f"bad strategy.name {path!r}: expected 'package.module:ClassName'"
         )
     try:
+        # Like `python -m`, look in the working directory too, so a user's own
+        # package next to their config is found (Flower's Ray workers inherit
+        # this process's sys.path).
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UnknownStrategyError(
