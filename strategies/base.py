@@ -68,6 +68,9 @@ class Strategy:
         payload it sent (see :meth:`receive`).
     upload_extras : bool
         Whether clients send their extra tensors (classifier head).
+    personalised : bool
+        True if each client uses its own model (per-client factors), so a
+        federation also reports each client's accuracy on its own data.
     """
 
     seed: int = 0
@@ -78,6 +81,7 @@ class Strategy:
     train_parts: ClassVar[tuple[str, ...]] = PARTS
     upload_parts: ClassVar[tuple[str, ...]] = PARTS
     upload_extras: ClassVar[bool] = True
+    personalised: ClassVar[bool] = False
 
     # -- description and parameters -------------------------------------------
     @classmethod

@@ -51,6 +51,7 @@ class FedSALoRA(Strategy):
     """
 
     exact = False
+    personalised = True
 
     def initialize(
         self,

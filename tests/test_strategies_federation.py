@@ -56,3 +56,14 @@ def test_heterogeneous_ranks_train_at_each_clients_rank(tmp_path, name):
     head = 384 * 384 + 384 + 2 * 384 + 2
     factors_up = metrics[1]["bytes_up"] - 2 * 4 * head
     assert factors_up == int(1.5 * 12 * 2 * 8 * 384 * 4)
+
+
+def test_personalised_rule_reports_per_client_accuracy_by_itself(tmp_path):
+    out = tmp_path / "fedsa"
+    tiny = [o for o in TINY if not o.startswith("federation.client_eval")]
+    run_engine(load_config(None, tiny + ['strategy.name="fedsa-lora"']), out)
+    summary = json.loads((out / "summary.json").read_text())
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(last["client_accuracy"]) == {"0", "1"}
+    assert summary["final_client_accuracy"] == pytest.approx(sum(last["client_accuracy"].values()) / 2)
+    assert "Mean client accuracy on own data" in (out / "report.md").read_text()

@@ -70,6 +70,12 @@ def _client_accuracy(log_) -> dict[str, Any]:
     return {"client_accuracy": {str(c): a for c, a in per_client.items()}}
 
 
+def _mean_client_accuracy(line: dict[str, Any]) -> float | None:
+    """Mean of the clients' accuracies on their own shards (personalised rules)."""
+    values = list(line.get("client_accuracy", {}).values())
+    return float(sum(values) / len(values)) if values else None
+
+
 def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None = None) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid`` and write the run folder ``out``."""
     t0 = time.time()
@@ -81,9 +87,8 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
     ranks = {str(c): r for c, r in client_ranks(cfg).items()} if cfg.peft.client_ranks else None
     state = strategy.initialize(initial.factors, extras=initial.extras, client_ranks=ranks)
     node_ids = discover_clients(grid, cfg.federation.num_clients)
-    flower = FlowerLoRAStrategy(
-        strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval=cfg.federation.client_eval
-    )
+    client_eval = cfg.federation.client_eval or strategy.personalised
+    flower = FlowerLoRAStrategy(strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval)
     totals = {"up": 0, "down": 0}
     history: list[dict[str, Any]] = []
 
@@ -104,7 +109,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
             "cum_bytes_down": totals["down"],
             "clients": log_.clients if log_ else [],
             "failed": log_.failed if log_ else [],
-            **(_client_accuracy(log_) if cfg.federation.client_eval else {}),
+            **(_client_accuracy(log_) if flower.client_eval else {}),
             "epsilon": None,
             "wall_s": round(time.time() - t0, 3),
         }
@@ -138,6 +143,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         "final_loss": final["loss"],
         "final_perplexity": final.get("perplexity"),
         "initial_accuracy": history[0]["accuracy"],
+        "final_client_accuracy": _mean_client_accuracy(final),
         "majority_baseline": rt.data.majority_baseline if rt.model.task == "classification" else None,
         "bytes_up": totals["up"],
         "bytes_down": totals["down"],
