@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .state import ClientUpdate, LoRAFactors, Payload, ServerState, flat_key, split_key
-from .utils import detach, example_weights, seeded_rng, weighted_mean_extras
+from .utils import detach, example_weights, normalise, seeded_rng, weighted_mean_extras
 
 __all__ = ["Strategy"]
 
@@ -219,6 +219,17 @@ class Strategy:
     def weights(self, updates: Sequence[ClientUpdate]) -> np.ndarray:
         """Client weights ``p_i = n_i / sum(n)`` (equal if all are 0)."""
         return example_weights(updates)
+
+    @staticmethod
+    def module_updates(
+        state: ServerState, updates: Sequence[ClientUpdate], weights: np.ndarray
+    ) -> Iterator[tuple[str, LoRAFactors, list[LoRAFactors], np.ndarray]]:
+        """Per module some client sent: ``(module, current global factors, the
+        clients' factors, their weights renormalised over those clients)``."""
+        for m, old in state.factors.items():
+            sent = [(u.factors[m], w) for u, w in zip(updates, weights) if m in u.factors]
+            if sent:
+                yield m, old, [f for f, _ in sent], normalise([w for _, w in sent])
 
     def aggregate_factors(
         self, state: ServerState, updates: Sequence[ClientUpdate], weights: np.ndarray

@@ -10,7 +10,6 @@ import numpy as np
 from .fedit import FedIT
 from .registry import register
 from .state import ClientUpdate, ServerState
-from .utils import normalise
 
 __all__ = ["FedExLoRA"]
 
@@ -46,15 +45,12 @@ class FedExLoRA(FedIT):
     ) -> ServerState:
         new = super().aggregate_factors(state, updates, weights)
         residuals = dict(state.residuals)
-        for m, f in new.factors.items():
-            sent = [(u.factors[m], w) for u, w in zip(updates, weights) if m in u.factors]
-            if not sent:
-                continue
-            p = normalise([w for _, w in sent])
-            exact = sum(pi * fi.delta(np.float64) for pi, (fi, _) in zip(p, sent))
-            increment = exact - f.delta(np.float64)  # with the averaged factors as stored
+        for m, _, fs, p in self.module_updates(state, updates, weights):
+            exact = sum(pi * fi.delta(np.float64) for pi, fi in zip(p, fs))
+            increment = exact - new.factors[m].delta(np.float64)  # with the averaged factors as stored
             old = state.residuals.get(m)
-            dtype = np.result_type(f.A, f.B, *(fi.A for fi, _ in sent), *(fi.B for fi, _ in sent))
+            f = new.factors[m]
+            dtype = np.result_type(f.A, f.B, *(fi.A for fi in fs), *(fi.B for fi in fs))
             if old is not None:
                 dtype = np.result_type(dtype, old)
                 increment = increment + old.astype(np.float64)

@@ -10,7 +10,7 @@ import numpy as np
 from .base import Strategy
 from .registry import register
 from .state import ClientUpdate, LoRAFactors, ServerState
-from .utils import normalise, weighted_sum
+from .utils import weighted_sum
 
 __all__ = ["FedIT"]
 
@@ -45,12 +45,7 @@ class FedIT(Strategy):
         self, state: ServerState, updates: Sequence[ClientUpdate], weights: np.ndarray
     ) -> ServerState:
         factors = dict(state.factors)  # modules no client sent keep their value
-        for m, old in state.factors.items():
-            sent = [(u.factors[m], w) for u, w in zip(updates, weights) if m in u.factors]
-            if not sent:
-                continue
-            fs = [f for f, _ in sent]
-            p = normalise([w for _, w in sent])  # over the clients that sent m
+        for m, old, fs, p in self.module_updates(state, updates, weights):
             s = old.scaling
             if s == 0:
                 raise ValueError(f"{self.label}: module {m!r} has scaling 0")

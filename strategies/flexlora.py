@@ -11,7 +11,7 @@ import numpy as np
 from .hetlora import RankTruncating
 from .registry import register
 from .state import ClientUpdate, LoRAFactors, ServerState
-from .utils import complete_rows, lowrank_svd, normalise
+from .utils import complete_rows, lowrank_svd
 
 __all__ = ["FlexLoRA", "svd_factors"]
 
@@ -76,12 +76,7 @@ class FlexLoRA(RankTruncating):
         self, state: ServerState, updates: Sequence[ClientUpdate], weights: np.ndarray
     ) -> ServerState:
         factors = dict(state.factors)
-        for m, old in state.factors.items():
-            sent = [(u.factors[m], w) for u, w in zip(updates, weights) if m in u.factors]
-            if not sent:
-                continue
-            fs = [f for f, _ in sent]
-            p = normalise([w for _, w in sent])
+        for m, old, fs, p in self.module_updates(state, updates, weights):
             s = old.scaling
             if s <= 0:
                 raise ValueError(f"{self.label}: module {m!r} has scaling {s}; FlexLoRA needs > 0")

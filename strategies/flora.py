@@ -10,7 +10,6 @@ import numpy as np
 from .base import Strategy
 from .registry import register
 from .state import ClientUpdate, LoRAFactors, Payload, ServerState
-from .utils import normalise
 
 __all__ = ["FLoRA"]
 
@@ -101,12 +100,8 @@ class FLoRA(Strategy):
         self, state: ServerState, updates: Sequence[ClientUpdate], weights: np.ndarray
     ) -> ServerState:
         factors, residuals = dict(state.factors), dict(state.residuals)
-        for m, old in state.factors.items():
-            sent = [(u.factors[m], w) for u, w in zip(updates, weights) if m in u.factors]
-            if not sent:
-                continue
-            fs = [f for f, _ in sent]
-            stacked = self.stack(fs, normalise([w for _, w in sent]))
+        for m, old, fs, p in self.module_updates(state, updates, weights):
+            stacked = self.stack(fs, p)
             merged = stacked.B @ stacked.A
             dtype = np.result_type(old.A, old.B, *(f.A for f in fs), *(f.B for f in fs))
             if m in state.residuals:

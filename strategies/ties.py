@@ -11,7 +11,6 @@ import numpy as np
 from .base import Strategy
 from .registry import register
 from .state import ClientUpdate, LoRAFactors, ServerState
-from .utils import normalise
 
 __all__ = ["TIESMerging", "trim", "elect_sign", "disjoint_mean", "ties_merge"]
 
@@ -104,12 +103,7 @@ class TIESMerging(Strategy):
         self, state: ServerState, updates: Sequence[ClientUpdate], weights: np.ndarray
     ) -> ServerState:
         factors = dict(state.factors)
-        for m, old in state.factors.items():
-            sent = [(u.factors[m], w) for u, w in zip(updates, weights) if m in u.factors]
-            if not sent:
-                continue
-            fs = [f for f, _ in sent]
-            p = normalise([w for _, w in sent])
+        for m, old, fs, p in self.module_updates(state, updates, weights):
             s = old.scaling
             if s == 0:
                 raise ValueError(f"{self.label}: module {m!r} has scaling 0")
