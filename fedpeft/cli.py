@@ -65,7 +65,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
         with console.status("loading data and model"):
             # The server runs in this process: loading here first turns a
             # missing asset or a bad target module into a clean error.
-            runtime(cfg, threads=os.cpu_count()).splits
+            runtime(cfg, threads=cfg.federation.threads or os.cpu_count()).splits
     except FedPeftError as exc:
         fail(str(exc))
 
@@ -119,6 +119,7 @@ def sweep(
     set_: Optional[List[str]] = SetOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep folder (default: runs/sweeps/<sweep name>); reruns resume."),
     full: bool = typer.Option(False, "--full", help="Apply the sweep's full-size overrides (sweep.full)."),
+    shard: str = typer.Option("0/1", "--shard", help="K/N: run every N-th run from K, to share cores between N processes."),
 ) -> None:
     """Run a grid of federations (strategies x data splits x seeds) and tabulate them."""
     from fedpeft.engine import quiet_environment
@@ -126,6 +127,12 @@ def sweep(
     quiet_environment()
     from fedpeft.sweep import load_sweep, run_sweep
 
+    try:
+        k, n = (int(x) for x in shard.split("/"))
+        if not 0 <= k < n:
+            raise ValueError
+    except ValueError:
+        fail(f"--shard {shard!r} must be K/N with 0 <= K < N, e.g. 0/2")
     try:
         spec, runs, _ = load_sweep(config, full, set_ or [])
     except FedPeftError as exc:
@@ -144,8 +151,11 @@ def sweep(
                 text += f": accuracy {result['accuracy']:.4f}"
             progress.update(task, completed=done, description=text)
 
-        run_sweep(config, target, full, set_ or [], on_run)
-    print((target / "table.md").read_text())
+        results = run_sweep(config, target, full, set_ or [], on_run, shard=(k, n))
+    if len(results) < len(runs):
+        print(f"shard {k}/{n} done; {len(results)} of {len(runs)} runs finished, rerun without --shard for the table")
+    else:
+        print((target / "table.md").read_text())
     print(f"sweep folder: {target}")
 
 

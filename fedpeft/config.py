@@ -43,6 +43,7 @@ class FederationConfig:
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
     client_threads: int = _f(1, "torch threads in each client worker", min=1)
     client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")
+    threads: int = _f(0, "torch threads of the server process, which runs the clients too with engine=inprocess (0 = all cores)", min=0)
     name: str = _f("default", "run name, used in the run folder's name")
 
 

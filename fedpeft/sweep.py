@@ -96,16 +96,26 @@ def run_tables(base: dict, run: SweepRun) -> dict:
 
 
 def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None = None,
-              on_run: Callable[[int, int, SweepRun, dict | None], None] | None = None) -> list[dict[str, Any]]:
-    """Run (or resume) every run of the sweep and write ``results.jsonl``, ``table.md`` and a plot."""
+              on_run: Callable[[int, int, SweepRun, dict | None], None] | None = None,
+              shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
+    """Run (or resume) every run of the sweep and write ``results.jsonl``, ``table.md`` and a plot.
+
+    ``shard = (k, n)`` runs only every n-th run starting at k, so n processes
+    (e.g. with ``--set federation.threads=1`` each) share a machine's cores; the
+    table is written once every run of the sweep has a summary.
+    """
     from fedpeft.engine import run_engine
 
     sweep, runs, base = load_sweep(path, full, extra)
     results = []
+    k, n = shard
     for i, run in enumerate(runs):
         folder = out / run.folder
         summary_path = folder / "summary.json"
-        if not summary_path.is_file():
+        if i % n != k:
+            if not summary_path.is_file():
+                continue
+        elif not summary_path.is_file():
             if folder.exists():  # an interrupted run: start it again from scratch
                 import shutil
 
@@ -125,6 +135,8 @@ def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None
         if on_run:
             on_run(i + 1, len(runs), run, results[-1])
     out.mkdir(parents=True, exist_ok=True)
+    if len(results) < len(runs):  # other shards still running
+        return results
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     table = summarise(results)
     (out / "table.md").write_text(render_table(table, sweep, full))

@@ -81,7 +81,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
     t0 = time.time()
     folder = RunFolder(out)
     folder.create()
-    rt = runtime(cfg, threads=os.cpu_count())
+    rt = runtime(cfg, threads=cfg.federation.threads or os.cpu_count())
     strategy = rt.strategy
     initial = rt.model.initial
     ranks = {str(c): r for c, r in client_ranks(cfg).items()} if cfg.peft.client_ranks else None

@@ -1,0 +1,108 @@
+"""Noise calibration: the noise multiplier that reaches a target epsilon.
+
+A bisection on the same accountant that will later report the epsilon, so the
+calibrated run's reported epsilon is at most the target by construction (every
+candidate is checked by that accountant, none is extrapolated).
+"""
+
+from __future__ import annotations
+
+import math
+
+from fedpeft.errors import ConfigError
+from fedpeft.privacy.accounting import (
+    PRVGridTooLarge,
+    check_accountant,
+    check_delta,
+    check_sample_rate,
+    check_steps,
+    check_target_epsilon,
+    compute_epsilon,
+)
+
+__all__ = ["calibrate_noise", "MAX_NOISE_MULTIPLIER", "MIN_NOISE_MULTIPLIER"]
+
+MAX_NOISE_MULTIPLIER = 1e6
+"""Give up (ConfigError) if the target needs more noise than this (opacus's limit too)."""
+MIN_NOISE_MULTIPLIER = 1e-2
+"""Stop searching below this: a target this loose is met with almost no noise."""
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str = "rdp", *, rtol: float = 0.005) -> float:
+    """The smallest noise multiplier whose epsilon after ``steps`` steps is <= the target.
+
+    Parameters
+    ----------
+    target_epsilon : float
+        The epsilon not to exceed (``dp.target_epsilon``).
+    delta : float
+        The delta of the guarantee (``dp.delta``).
+    sample_rate : float
+        Poisson sampling rate q of every step, in (0, 1].
+    steps : int
+        Planned number of steps (>= 1). Plan for the most any record's unit
+        (a client, or the server) will take; fewer steps only lower epsilon.
+    accountant : str
+        Registered accountant that will report the epsilon (``dp.accountant``).
+    rtol : float
+        Stop once ``epsilon >= (1 - rtol) * target_epsilon``.
+
+    Returns
+    -------
+    float
+        A noise multiplier sigma with ``(1 - rtol) * target <= epsilon(sigma) <= target``
+        (only the upper bound holds if the target is met below
+        :data:`MIN_NOISE_MULTIPLIER`).
+
+    Raises
+    ------
+    ConfigError
+        For an invalid argument (naming its ``dp.*`` key), or a target that
+        needs a noise multiplier above :data:`MAX_NOISE_MULTIPLIER`.
+    """
+    target = check_target_epsilon(target_epsilon)
+    delta = check_delta(delta)
+    q = check_sample_rate(sample_rate)
+    steps = check_steps(steps, minimum=1)
+    accountant = check_accountant(accountant)
+    if not 0.0 <= rtol < 1.0:
+        raise ValueError(f"rtol must be in [0, 1), got {rtol!r}")
+
+    def eps(sigma: float) -> float:
+        try:
+            return compute_epsilon(sigma, q, steps, delta, accountant)
+        except PRVGridTooLarge:  # only happens with little noise: far above any sane target
+            return math.inf
+
+    # Bracket: eps(lo) > target >= eps(hi).
+    hi, eps_hi = 1.0, eps(1.0)
+    if eps_hi > target:
+        lo = hi
+        while eps_hi > target:
+            lo, hi = hi, 2.0 * hi
+            if hi > MAX_NOISE_MULTIPLIER:
+                raise ConfigError(
+                    f"dp.target_epsilon = {target_epsilon!r} cannot be reached with a noise multiplier "
+                    f"<= {MAX_NOISE_MULTIPLIER:g} (delta={delta:g}, q={q:g}, {steps} steps); raise it"
+                )
+            eps_hi = eps(hi)
+    else:
+        lo = hi / 2.0
+        eps_lo = eps(lo)
+        while eps_lo <= target:
+            hi, eps_hi = lo, eps_lo
+            lo = lo / 2.0
+            if lo < MIN_NOISE_MULTIPLIER:
+                return hi
+            eps_lo = eps(lo)
+
+    # Bisect in log sigma, keeping eps(hi) <= target, until eps(hi) is close.
+    while eps_hi < (1.0 - rtol) * target and hi / lo > 1.0 + 1e-9:
+        mid = math.sqrt(lo * hi)
+        eps_mid = eps(mid)
+        if eps_mid <= target:
+            hi, eps_hi = mid, eps_mid
+        else:
+            lo = mid
+    return hi
