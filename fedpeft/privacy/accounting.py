@@ -118,7 +118,8 @@ def check_delta(delta: Any, num_records: int | None = None, key: str = "dp.delta
         if delta >= 1.0 / num_records:
             raise ConfigError(
                 f"{key} = {delta!r} is too large for {num_records} records; it must be < 1/n = "
-                f"{1.0 / num_records:.3g} (1/n or more lets a whole record leak), e.g. {_suggest_delta(num_records):.0e}"
+                f"{1.0 / num_records:.3g} (1/n or more lets a whole record leak), "
+                f"e.g. {_suggest_delta(num_records):g}"
             )
     return delta
 

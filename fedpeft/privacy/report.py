@@ -89,7 +89,8 @@ class PrivacyReport:
         """One line, e.g. ``(ε=1.71, δ=1e-05)-DP at the sample level, RDP accountant, σ=1.1, q=0.01, 1000 steps``."""
         what = "steps" if self.unit == "sample" else "rounds"
         eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:.3g}"
-        head = f"(ε={eps}, δ={self.delta:g})-DP at the {self.unit} level, {accountant_title(self.accountant)} accountant"
+        title = accountant_title(self.accountant)
+        head = f"(ε={eps}, δ={self.delta:g})-DP at the {self.unit} level, {title} accountant"
         if self.steps == 0:
             return f"{head}, no {what} yet"
         if self.noise_multiplier is not None and self.sample_rate is not None:
