@@ -49,6 +49,14 @@ def aggregation_error(before: ServerState, after: ServerState, updates, weights)
     return float(np.mean(errors)) if errors else 0.0
 
 
+def payload_message(payload: Payload, config: ConfigRecord, message_type: str, node_id: int) -> Message:
+    """One message carrying a strategy payload: arrays, config and scalings."""
+    content = RecordDict(
+        {ARRAYS: to_array_record(payload.arrays()), CONFIG: config, SCALINGS: scalings_record(payload.scalings())}
+    )
+    return Message(content=content, message_type=message_type, dst_node_id=node_id)
+
+
 def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
     """The clients of one round: a seeded draw without replacement, sorted."""
     if per_round >= num_clients:
@@ -112,10 +120,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
             payload = self.strategy.payload_for(self.state, str(cid))
             log_.bytes_down += payload.nbytes
             train_config = ConfigRecord({**dict(config), "server-round": server_round})
-            content = RecordDict(
-                {ARRAYS: to_array_record(payload.arrays()), CONFIG: train_config, SCALINGS: scalings_record(payload.scalings())}
-            )
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self.node_ids[cid]))
+            messages.append(payload_message(payload, train_config, MessageType.TRAIN, self.node_ids[cid]))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -154,11 +159,8 @@ class FlowerLoRAStrategy(FlowerStrategy):
         messages = []
         for cid, node in sorted(self.node_ids.items()):
             payload = self.strategy.payload_for(self.state, str(cid))
-            content = RecordDict(
-                {ARRAYS: to_array_record(payload.arrays()), CONFIG: ConfigRecord({"server-round": server_round}),
-                 SCALINGS: scalings_record(payload.scalings())}
-            )
-            messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+            config = ConfigRecord({"server-round": server_round})
+            messages.append(payload_message(payload, config, MessageType.EVALUATE, node))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
