@@ -33,6 +33,13 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return Progress(*columns, console=console)
+
+
 def prepare_out(out: Optional[Path], default: Path) -> Path:
     target = out or default
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -69,14 +76,11 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
     except FedPeftError as exc:
         fail(str(exc))
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from fedpeft.engine import run_engine
     from fedpeft.server.run_folder import RunFolder
 
     rounds = cfg.federation.num_rounds
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("starting client workers", total=rounds)
 
         def on_round(line):
@@ -139,10 +143,7 @@ def sweep(
         fail(str(exc))
     target = out or Path("runs") / "sweeps" / f"{spec.get('name', config.stem)}{'-full' if full else ''}"
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("sweep", total=len(runs))
 
         def on_run(done, total, run, result):
