@@ -47,9 +47,25 @@ def prepare_out(out: Optional[Path], default: Path) -> Path:
     return target
 
 
+ResumeOpt = typer.Option(None, "--resume", help="Continue an interrupted run folder from its last checkpoint.")
+
+
+def resumable(folder: Path):
+    """The config of an interrupted run folder, or a user error saying why not."""
+    from fedpeft.config import config_from_dict
+    from fedpeft.server.run_folder import SUMMARY, RunFolder
+
+    if not folder.is_dir():
+        fail(f"--resume {folder}: no such run folder")
+    if (folder / SUMMARY).is_file():
+        fail(f"--resume {folder}: this run already finished (it has {SUMMARY})")
+    return config_from_dict(RunFolder(folder).checkpoint_config())
+
+
 @app.command()
-def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt) -> None:
-    """Run one federation and write its run folder."""
+def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
+        resume: Optional[Path] = ResumeOpt) -> None:
+    """Run one federation and write its run folder (or finish an interrupted one)."""
     from fedpeft.engine import quiet_environment
 
     quiet_environment()
@@ -57,7 +73,12 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
 
     # Validate the config and --out before importing torch and Flower (seconds).
     try:
-        cfg = load_config(config, set_ or [])
+        if resume is not None:
+            if config is not None or set_ or out is not None:
+                fail("--resume takes the run's own config: leave out --config, --set and --out")
+            cfg = resumable(resume)
+        else:
+            cfg = load_config(config, set_ or [])
     except FedPeftError as exc:
         fail(str(exc))
     if out is not None:
@@ -68,7 +89,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
     from fedpeft.server.app import default_run_dir
 
     try:
-        target = prepare_out(out, default_run_dir(cfg))
+        target = resume if resume is not None else prepare_out(out, default_run_dir(cfg))
         with console.status("loading data and model"):
             # The server runs in this process: loading here first turns a
             # missing asset or a bad target module into a clean error.
@@ -87,7 +108,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
             done = line["round"]
             progress.update(task, completed=done, description=f"round {done}/{rounds}  accuracy {line['accuracy']:.4f}")
 
-        run_engine(cfg, target, on_round)
+        run_engine(cfg, target, on_round, resume=resume is not None)
     metrics = RunFolder(target).read_metrics()
     Console().print(round_table(metrics))
     print(f"run folder: {target}")

@@ -47,24 +47,24 @@ def quiet_environment() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def run_engine(cfg: Config, out: Path, on_round=None) -> None:
-    """Run ``cfg`` on the engine it names; results land in ``out``."""
+def run_engine(cfg: Config, out: Path, on_round=None, resume: bool = False) -> None:
+    """Run ``cfg`` on the engine it names; results land in (or, with ``resume``, continue) ``out``."""
     if cfg.federation.engine == "inprocess":
-        run_inprocess_engine(cfg, out, on_round)
+        run_inprocess_engine(cfg, out, on_round, resume)
     else:
-        run_simulation_engine(cfg, out, on_round)
+        run_simulation_engine(cfg, out, on_round, resume)
 
 
-def run_inprocess_engine(cfg: Config, out: Path, on_round=None) -> None:
+def run_inprocess_engine(cfg: Config, out: Path, on_round=None, resume: bool = False) -> None:
     quiet_environment()
     from fedpeft.client import make_client_app
     from fedpeft.server.app import run_federation
     from fedpeft.server.inprocess_grid import InProcessGrid
 
-    run_federation(InProcessGrid(make_client_app(cfg), cfg.federation.num_clients), cfg, out, on_round)
+    run_federation(InProcessGrid(make_client_app(cfg), cfg.federation.num_clients), cfg, out, on_round, resume)
 
 
-def run_simulation_engine(cfg: Config, out: Path, on_round=None) -> None:
+def run_simulation_engine(cfg: Config, out: Path, on_round=None, resume: bool = False) -> None:
     """Run ``cfg`` in Flower's simulation engine; results land in ``out``.
 
     Ray starts once per call (about 7 s) and keeps one worker per
@@ -76,7 +76,7 @@ def run_simulation_engine(cfg: Config, out: Path, on_round=None) -> None:
     from fedpeft.client import make_client_app
     from fedpeft.server import make_server_app
 
-    server_app = make_server_app(cfg, out, on_round)
+    server_app = make_server_app(cfg, out, on_round, resume)
     client_app = make_client_app(cfg)
     backend_config = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},

@@ -76,23 +76,37 @@ def _mean_client_accuracy(line: dict[str, Any]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
 
-def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None = None) -> dict[str, Any]:
-    """Run every round of ``cfg`` on ``grid`` and write the run folder ``out``."""
+def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run every round of ``cfg`` on ``grid`` and write the run folder ``out``.
+
+    With ``resume``, continue ``out`` from its last checkpoint: rounds, seeds
+    and sampling are absolute, so the result equals a run that never stopped.
+    """
     t0 = time.time()
     folder = RunFolder(out)
-    folder.create()
     rt = runtime(cfg, threads=cfg.federation.threads or os.cpu_count())
     strategy = rt.strategy
     initial = rt.model.initial
-    ranks = {str(c): r for c, r in client_ranks(cfg).items()} if cfg.peft.client_ranks else None
-    state = strategy.initialize(initial.factors, extras=initial.extras, client_ranks=ranks)
+    if resume:
+        state, progress, history = folder.load_checkpoint()
+    else:
+        folder.create(cfg.to_dict())
+        ranks = {str(c): r for c, r in client_ranks(cfg).items()} if cfg.peft.client_ranks else None
+        state = strategy.initialize(initial.factors, extras=initial.extras, client_ranks=ranks)
+        progress, history = {"round": 0, "cum_bytes_up": 0, "cum_bytes_down": 0, "wall_s": 0.0}, []
+    done = progress["round"]
     node_ids = discover_clients(grid, cfg.federation.num_clients)
     client_eval = cfg.federation.client_eval or strategy.personalised
-    flower = FlowerLoRAStrategy(strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval)
-    totals = {"up": 0, "down": 0}
-    history: list[dict[str, Any]] = []
+    flower = FlowerLoRAStrategy(strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval, done)
+    totals = {"up": progress["cum_bytes_up"], "down": progress["cum_bytes_down"]}
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def elapsed() -> float:
+        return round(progress["wall_s"] + time.time() - t0, 3)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += done
+        if resume and server_round == done:  # evaluated before the stop
+            return None
         result = evaluate_global(rt, flower.state)
         log_ = flower.rounds.get(server_round)
         up, down = (log_.bytes_up, log_.bytes_down) if log_ else (0, 0)
@@ -111,19 +125,20 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
             "failed": log_.failed if log_ else [],
             **(_client_accuracy(log_) if flower.client_eval else {}),
             "epsilon": None,
-            "wall_s": round(time.time() - t0, 3),
+            "wall_s": elapsed(),
         }
         history.append(line)
         folder.append_metrics(line)
-        folder.save_checkpoint(flower.state, {"round": server_round, "cum_bytes_up": totals["up"], "cum_bytes_down": totals["down"]})
+        folder.save_checkpoint(flower.state, {"round": server_round, "cum_bytes_up": totals["up"],
+                                              "cum_bytes_down": totals["down"], "wall_s": line["wall_s"]})
         if on_round:
             on_round(line)
         return MetricRecord({k: float(v) for k, v in result.items()})
 
     flower.start(
         grid=grid,
-        initial_arrays=to_array_record(initial.arrays()),
-        num_rounds=cfg.federation.num_rounds,
+        initial_arrays=to_array_record(global_payload(state).arrays()),
+        num_rounds=cfg.federation.num_rounds - done,
         evaluate_fn=evaluate_fn,
     )
     folder.export_adapter(rt.model, global_payload(flower.state))
@@ -152,7 +167,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         "total_params": rt.model.total_params,
         "epsilon": None,
         "delta": None,
-        "wall_s": round(time.time() - t0, 3),
+        "wall_s": elapsed(),
         "seed": cfg.federation.seed,
         "machine": machine_description(),
         "config": cfg.to_dict(),
@@ -162,9 +177,10 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
     return summary
 
 
-def make_server_app(cfg: Config | None = None, out: Path | None = None, on_round: OnRound | None = None) -> ServerApp:
-    """A ServerApp for ``cfg`` writing to ``out``; without them, both come from the
-    run config (``flwr run .``)."""
+def make_server_app(cfg: Config | None = None, out: Path | None = None, on_round: OnRound | None = None,
+                    resume: bool = False) -> ServerApp:
+    """A ServerApp for ``cfg`` writing to (or, with ``resume``, continuing) ``out``;
+    without them, both come from the run config (``flwr run .``)."""
     app = ServerApp()
 
     @app.main()
@@ -172,7 +188,7 @@ def make_server_app(cfg: Config | None = None, out: Path | None = None, on_round
         quiet_environment()
         conf = cfg if cfg is not None else config_from_run_config(context.run_config)
         target = out or Path(str(context.run_config.get("out") or default_run_dir(conf)))
-        run_federation(grid, conf, target, on_round)
+        run_federation(grid, conf, target, on_round, resume)
 
     return app
 

@@ -95,11 +95,15 @@ class FlowerLoRAStrategy(FlowerStrategy):
         Seed of the client sampling.
     client_eval : bool
         Also evaluate on every client's shard after each round.
+    round_offset : int
+        Rounds already done before this start (a resumed run): Flower counts
+        from 1 again, fedpeft's rounds, seeds and logs stay absolute.
     """
 
     def __init__(self, strategy: LoRAStrategy, state: ServerState, node_ids: dict[int, int], clients_per_round: int,
-                 seed: int, client_eval: bool = False):
+                 seed: int, client_eval: bool = False, round_offset: int = 0):
         self.client_eval = client_eval
+        self.round_offset = round_offset
         self.strategy = strategy
         self.state = state
         self.node_ids = dict(node_ids)
@@ -113,6 +117,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
         log(INFO, "\t└──> clients per round: %d of %d", self.clients_per_round, len(self.node_ids))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         clients = sample_clients(len(self.node_ids), self.clients_per_round, self.seed, server_round)
         log_ = self.rounds[server_round] = RoundLog(clients=clients)
         messages = []
@@ -124,6 +129,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         log_ = self.rounds.setdefault(server_round, RoundLog())
         updates, losses, weights = [], [], []
         for msg in replies:
@@ -154,6 +160,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """With ``client_eval``, every client evaluates the model it would use on its own shard."""
+        server_round += self.round_offset
         if not self.client_eval:
             return []
         messages = []
@@ -164,6 +171,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         log_ = self.rounds.setdefault(server_round, RoundLog())
         accuracies, sizes = {}, {}
         for msg in replies:

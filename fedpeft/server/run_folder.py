@@ -12,6 +12,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from fedpeft.errors import FedPeftError
 from strategies import ServerState
 
 SUMMARY = "summary.json"
@@ -46,9 +47,11 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def create(self) -> None:
+    def create(self, config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / METRICS).write_text("")
+        (self.path / CHECKPOINT).mkdir(exist_ok=True)
+        write_json(self.path / CHECKPOINT / "config.json", config)
 
     def append_metrics(self, line: dict[str, Any]) -> None:
         with open(self.path / METRICS, "a") as fh:
@@ -67,10 +70,27 @@ class RunFolder:
 
         return export_adapter(resident, payload, self.path / ADAPTER)
 
-    def save_checkpoint(self, state: ServerState, meta: dict[str, Any]) -> None:
+    def save_checkpoint(self, state: ServerState, progress: dict[str, Any]) -> None:
+        """The state after a round, then the progress file that points at it
+        (written last: a crash in between leaves the previous round intact)."""
         target = self.path / CHECKPOINT
         state.save(target / "state")
-        write_json(target / "progress.json", meta)
+        write_json(target / "progress.json", progress)
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        path = self.path / CHECKPOINT / "config.json"
+        if not path.is_file():
+            raise FedPeftError(f"--resume {self.path}: no {CHECKPOINT}/config.json, so this is not a resumable run folder")
+        return json.loads(path.read_text())
+
+    def load_checkpoint(self) -> tuple[ServerState, dict[str, Any], list[dict[str, Any]]]:
+        """The last saved round: state, progress and the metrics up to it
+        (a metrics line written after the last checkpoint is dropped)."""
+        progress = json.loads((self.path / CHECKPOINT / "progress.json").read_text())
+        state = ServerState.load(self.path / CHECKPOINT / "state")
+        history = [m for m in self.read_metrics() if m["round"] <= progress["round"]]
+        (self.path / METRICS).write_text("".join(json.dumps(m, default=_jsonable) + "\n" for m in history))
+        return state, progress, history
 
     def write_report(self, summary: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
         from fedpeft.reporting import write_plots, write_report

@@ -1,0 +1,71 @@
+"""`fedpeft run --resume`: an interrupted run finished later equals a run that never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedpeft.config import config_from_dict, load_config
+from fedpeft.engine import run_engine
+from fedpeft.server.run_folder import RunFolder
+
+TINY = ['federation.engine="inprocess"', "federation.num_clients=3", "federation.clients_per_round=2",
+        "federation.num_rounds=3", "train.local_steps=2", "train.batch_size=8", "data.max_examples_per_client=24",
+        "data.max_test_examples=32"]
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after_round_one(line):
+    if line["round"] == 1:
+        raise Stop
+
+
+def without_time(lines):
+    return [{k: v for k, v in m.items() if k != "wall_s"} for m in lines]
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "fedex-lora"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy):
+    cfg = load_config(None, TINY + [f'strategy.name="{strategy}"'])
+    run_engine(cfg, tmp_path / "whole")
+    with pytest.raises(Stop):
+        run_engine(cfg, tmp_path / "cut", on_round=stop_after_round_one)
+    assert not (tmp_path / "cut/summary.json").exists()
+    resumed_cfg = config_from_dict(RunFolder(tmp_path / "cut").checkpoint_config())
+    run_engine(resumed_cfg, tmp_path / "cut", resume=True)
+    whole, cut = RunFolder(tmp_path / "whole").read_metrics(), RunFolder(tmp_path / "cut").read_metrics()
+    assert [m["round"] for m in cut] == [0, 1, 2, 3]
+    assert without_time(cut) == without_time(whole)
+    for name in ("adapter/adapter_model.safetensors", "checkpoint/state/state.safetensors"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    s_whole, s_cut = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "cut"))
+    assert {k: v for k, v in s_cut.items() if k not in ("wall_s", "config")} == \
+           {k: v for k, v in s_whole.items() if k not in ("wall_s", "config")}
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "COLUMNS": "400"}
+    return subprocess.run([sys.executable, "-m", "fedpeft.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+def test_resume_refuses_finished_missing_and_mixed_arguments(tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "summary.json").write_text("{}")
+    cases = [
+        (["run", "--resume", str(done)], "already finished"),
+        (["run", "--resume", str(tmp_path / "nope")], "no such run folder"),
+        (["run", "--resume", str(tmp_path)], "not a resumable run folder"),
+        (["run", "--resume", str(done), "--set", "train.lr=0.1"], "leave out --config, --set and --out"),
+    ]
+    for args, needle in cases:
+        result = cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert needle in result.stderr and "Traceback" not in result.stderr + result.stdout
