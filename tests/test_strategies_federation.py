@@ -66,4 +66,4 @@ def test_personalised_rule_reports_per_client_accuracy_by_itself(tmp_path):
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(last["client_accuracy"]) == {"0", "1"}
     assert summary["final_client_accuracy"] == pytest.approx(sum(last["client_accuracy"].values()) / 2)
-    assert "Mean client accuracy on own data" in (out / "report.md").read_text()
+    assert "Mean client accuracy on own training shard" in (out / "report.md").read_text()

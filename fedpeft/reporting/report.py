@@ -180,7 +180,7 @@ def _results(summary: Mapping[str, Any], metrics: Metrics) -> list[list[str]]:
     if base is not None:
         rows.append(["Majority-class baseline", format_percent(base)])
     if summary.get("final_client_accuracy") is not None:
-        rows.append(["Mean client accuracy on own data", format_percent(summary["final_client_accuracy"])])
+        rows.append(["Mean client accuracy on own training shard", format_percent(summary["final_client_accuracy"])])
     if metrics and metrics[-1].get("aggregation_error") is not None:
         rows.append(["Aggregation error (last round, vs exact mean update)", f"{metrics[-1]['aggregation_error']:.2e}"])
     if summary.get("final_loss") is not None:
