@@ -174,9 +174,10 @@ def render_table(table: dict, sweep: dict, full: bool) -> str:
         cells = [f"{table[(s, p)]['mean']:.3f} ± {table[(s, p)]['std']:.3f}" if (s, p) in table else "–" for p in partitions]
         rows = [table[(s, p)] for p in partitions if (s, p) in table]
         errs = [r["aggregation_error"] for r in rows if r["aggregation_error"] is not None]
+        error = f"{np.mean(errs):.2e}" if errs else "–"
         lines.append(f"| {s} | " + " | ".join(cells)
                      + f" | {format_bytes(np.mean([r['bytes'] for r in rows]))} | {np.mean([r['wall_s'] for r in rows]):.0f}"
-                     + f" | {np.mean(errs):.2e} |" if errs else " | – |")
+                     + f" | {error} |")
     return "\n".join(lines) + "\n"
 
 
