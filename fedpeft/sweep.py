@@ -131,6 +131,7 @@ def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None
             "strategy": run.strategy, "partition": run.partition, "seed": run.seed,
             "accuracy": summary["final_accuracy"], "bytes": summary["bytes_up"] + summary["bytes_down"],
             "wall_s": summary["wall_s"], "aggregation_error": float(np.mean(errors)) if errors else None,
+            "majority_baseline": summary.get("majority_baseline"),
         })
         if on_run:
             on_run(i + 1, len(runs), run, results[-1])
@@ -140,7 +141,8 @@ def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     table = summarise(results)
     (out / "table.md").write_text(render_table(table, sweep, full))
-    plot_sweep(table, out / "accuracy.png")
+    baselines = {r["majority_baseline"] for r in results if r.get("majority_baseline") is not None}
+    plot_sweep(table, out / "accuracy.png", baseline=baselines.pop() if len(baselines) == 1 else None)
     return results
 
 
@@ -181,7 +183,7 @@ def render_table(table: dict, sweep: dict, full: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(table: dict, path: Path) -> None:
+def plot_sweep(table: dict, path: Path, baseline: float | None = None) -> None:
     from matplotlib.figure import Figure
 
     strategies = list(dict.fromkeys(k[0] for k in table))
@@ -195,6 +197,8 @@ def plot_sweep(table: dict, path: Path) -> None:
         es = [table[(s, p)]["std"] for s in strategies if (s, p) in table]
         ax.bar(xs, ys, width, yerr=es, capsize=2, label=p)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(strategies))], strategies, rotation=30, ha="right")
+    if baseline is not None:
+        ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="majority class")
     ax.set_ylabel("test accuracy")
     lo = min(v["mean"] - v["std"] for v in table.values())
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
