@@ -81,15 +81,14 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
             cfg = load_config(config, set_ or [])
     except FedPeftError as exc:
         fail(str(exc))
-    if out is not None:
-        prepare_out(out, out)
+    from fedpeft.server.run_folder import default_run_dir
+
+    target = resume if resume is not None else prepare_out(out, default_run_dir(cfg))
 
     from fedpeft.reporting import round_table
     from fedpeft.runtime import runtime
-    from fedpeft.server.app import default_run_dir
 
     try:
-        target = resume if resume is not None else prepare_out(out, default_run_dir(cfg))
         with console.status("loading data and model"):
             # The server runs in this process: loading here first turns a
             # missing asset or a bad target module into a clean error.

@@ -108,11 +108,12 @@ def resident_model(cfg: Config, num_labels: int) -> ResidentModel:
     key = _key(cfg, num_labels)
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _load(cfg, num_labels)
+            _CACHE[key] = load_resident_model(cfg, num_labels)
         return _CACHE[key]
 
 
-def _load(cfg: Config, num_labels: int) -> ResidentModel:
+def load_resident_model(cfg: Config, num_labels: int) -> ResidentModel:
+    """Build a new model for ``cfg`` (uncached; :func:`resident_model` keeps one per process)."""
     spec = get_model_spec(cfg.model.name)
     # The new task head is initialised from torch's global RNG: seed it so the
     # server's initial state, which every client receives, is reproducible.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,11 @@ from fedpeft.config import Config, client_ranks, config_from_run_config
 from fedpeft.engine import quiet_environment
 from fedpeft.runtime import Runtime, runtime
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload
-from fedpeft.server.run_folder import RunFolder, machine_description
+from fedpeft.server.run_folder import RunFolder, default_run_dir, machine_description
 from fedpeft.training import evaluate
 from fedpeft.wire import METRICS, to_array_record
 
 OnRound = Callable[[dict[str, Any]], None]
-
-
-def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.name}"
 
 
 def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:

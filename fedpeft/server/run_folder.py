@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,11 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 ADAPTER = "adapter"
 CHECKPOINT = "checkpoint"
+
+
+def default_run_dir(cfg) -> Path:
+    """``runs/<timestamp>-<federation.name>``."""
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.name}"
 
 
 def machine_description() -> str:
