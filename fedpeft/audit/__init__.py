@@ -1,0 +1,1 @@
+"""Privacy audit: what an honest-but-curious server can rebuild from one client's payload."""
