@@ -1,0 +1,1 @@
+"""Vision side of the audit: public digit images, a LoRA-adapted CNN, and victim simulation."""
