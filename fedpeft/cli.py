@@ -180,6 +180,43 @@ def sweep(
     print(f"sweep folder: {target}")
 
 
+@app.command()
+def audit(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Audit folder (default: runs/<timestamp>-audit-<name>); must be empty or absent.")) -> None:
+    """Audit what a curious server can rebuild from one client's payload; writes audit.json and audit.md."""
+    import time
+
+    from fedpeft.engine import quiet_environment
+
+    quiet_environment()
+    from fedpeft.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+        from fedpeft.audit.settings import parse_settings
+
+        settings = parse_settings(cfg.audit)
+    except FedPeftError as exc:
+        fail(str(exc))
+    target = prepare_out(out, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-audit-{cfg.federation.name}")
+
+    from fedpeft.audit.report import AUDIT_MD, write_report
+    from fedpeft.audit.runner import run_audit
+
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task("loading data and model", total=None)
+
+            def on_victim(description: str, done: int, total: int) -> None:
+                progress.update(task, description=description, completed=done, total=total)
+
+            result = run_audit(cfg, settings, on_victim)
+    except FedPeftError as exc:
+        fail(str(exc))
+    write_report(result, target)
+    print(f"audit folder: {target} (see {target / AUDIT_MD})")
+
+
 @app.command("strategies")
 def list_strategies() -> None:
     """List the registered aggregation strategies."""
