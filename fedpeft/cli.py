@@ -92,7 +92,11 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
         with console.status("loading data and model"):
             # The server runs in this process: loading here first turns a
             # missing asset or a bad target module into a clean error.
-            runtime(cfg, threads=cfg.federation.threads or os.cpu_count()).splits
+            rt = runtime(cfg, threads=cfg.federation.threads or os.cpu_count())
+            rt.splits
+        if cfg.dp.mode != "none":
+            with console.status("planning differential privacy (calibrating the noise)"):
+                rt.dp_plan
     except FedPeftError as exc:
         fail(str(exc))
 

@@ -83,15 +83,28 @@ class TrainConfig:
     lr: float = _f(3e-3, "AdamW learning rate of the adapter and head", min=0.0)
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
     eval_batch_size: int = _f(128, "examples per forward pass in evaluation", min=1)
+    batch_sampling: str = _f("auto", "local batches: shuffle (epochs, fixed size), poisson (each example with rate "
+                                     "batch_size / n), auto (poisson under dp.mode = sample, else shuffle)",
+                             choices=("auto", "shuffle", "poisson"))
 
 
 @dataclass
 class DPConfig:
-    mode: str = _f("none", "differential privacy", choices=("none",))
+    mode: str = _f("none", "differential privacy: none, sample (DP-SGD on each client), client (central DP on the server)",
+                   choices=("none", "sample", "client"))
+    accountant: str = _f("rdp", "privacy accountant: rdp, prv or pld (client mode: rdp)", choices=("rdp", "prv", "pld"))
     target_epsilon: float = _f(0.0, "epsilon to calibrate the noise for (0 = use noise_multiplier)", min=0.0)
-    delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee", min=0.0, max=1.0)
+    delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee; below 1 / records (sample) or 1 / clients (client)",
+                      min=0.0, max=1.0)
     noise_multiplier: float = _f(1.0, "Gaussian noise std / clipping norm", min=0.0)
-    max_grad_norm: float = _f(1.0, "clipping norm", min=0.0)
+    max_grad_norm: float = _f(1.0, "clipping norm: of each example's gradient (sample), of each client's update (client; "
+                                   "the starting norm with adaptive clipping)", min=0.0)
+    clipping: str = _f("fixed", "client mode: fixed or adaptive clipping norm", choices=("fixed", "adaptive"))
+    clip_on: str = _f("server", "client mode: clip updates on the server or on each client", choices=("server", "client"))
+    target_clipped_quantile: float = _f(0.5, "adaptive clipping: fraction of updates to leave unclipped", min=0.0, max=1.0)
+    clip_norm_lr: float = _f(0.2, "adaptive clipping: learning rate of the clipping norm", min=0.0)
+    clipped_count_stddev: float = _f(0.0, "adaptive clipping: noise on the clipped count (0 = clients per round / 20)",
+                                     min=0.0)
 
 
 @dataclass
@@ -288,6 +301,46 @@ def validate(cfg: Config) -> None:
             f"peft.client_ranks = {ranks} mixes ranks, which strategy {cfg.strategy_name!r} cannot aggregate; "
             f"use one of: {', '.join(able)}"
         )
+    validate_dp(cfg, strategy)
+
+
+def validate_dp(cfg: Config, strategy) -> None:
+    """Settings a DP claim cannot honour are errors, never a silently wrong epsilon."""
+    dp = cfg.dp
+    if dp.mode == "none":
+        return
+    if dp.delta <= 0.0:
+        raise ConfigError(f"dp.delta = {dp.delta!r}: a DP guarantee needs a delta in (0, 1 / records), e.g. 1e-5")
+    if dp.max_grad_norm <= 0.0:
+        raise ConfigError(f"dp.max_grad_norm = {dp.max_grad_norm!r}: the clipping norm must be > 0")
+    if dp.target_epsilon == 0.0 and dp.noise_multiplier <= 0.0:
+        raise ConfigError("dp.noise_multiplier = 0 adds no noise (epsilon = inf); set it > 0 or set dp.target_epsilon")
+    if dp.mode == "sample" and cfg.train.batch_sampling == "shuffle":
+        raise ConfigError(
+            "train.batch_sampling = 'shuffle' with dp.mode = 'sample': the sample-level accounting assumes Poisson "
+            "batches; use train.batch_sampling = 'poisson' or 'auto'"
+        )
+    if dp.mode == "client":
+        if strategy.client_dp_unsafe:
+            import strategies
+
+            safe = [n for n in strategies.available() if not strategies.get(n).client_dp_unsafe]
+            raise ConfigError(
+                f"dp.mode = 'client' with strategy {cfg.strategy_name!r} would not be DP: {strategy.client_dp_unsafe}; "
+                f"use one of: {', '.join(safe)} (or dp.mode = 'sample', which any strategy keeps)"
+            )
+        if dp.accountant != "rdp":
+            raise ConfigError(
+                f"dp.accountant = {dp.accountant!r} with dp.mode = 'client': clients are sampled without replacement, "
+                "which only 'rdp' accounts for (dp-accounting's sampled-without-replacement RDP)"
+            )
+
+
+def batch_sampling(cfg: Config) -> str:
+    """``train.batch_sampling`` with ``auto`` resolved."""
+    if cfg.train.batch_sampling == "auto":
+        return "poisson" if cfg.dp.mode == "sample" else "shuffle"
+    return cfg.train.batch_sampling
 
 
 def client_ranks(cfg: Config) -> dict[int, int]:

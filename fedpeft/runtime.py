@@ -16,6 +16,8 @@ import torch
 
 from fedpeft.config import Config, build_strategy
 from fedpeft.data import TextClassificationData, load_dataset, partition_indices
+from fedpeft.privacy.dp_sgd import check_private_model
+from fedpeft.privacy.plan import DPPlan, make_dp_plan
 from fedpeft.models.resident import ResidentModel, resident_model
 from fedpeft.training import EncodedSplit, encoded_splits
 
@@ -46,6 +48,14 @@ class Runtime:
             seed=self.cfg.federation.seed,
             max_examples_per_client=d.max_examples_per_client or None,
         )
+
+    @cached_property
+    def dp_plan(self) -> DPPlan | None:
+        """The run's DP plan (noise calibrated here, once per process); None without DP."""
+        plan = make_dp_plan(self.cfg, [len(s) for s in self.shards])
+        if plan is not None and plan.unit == "sample":
+            check_private_model(self.model.model)
+        return plan
 
 
 _RUNTIMES: dict[str, Runtime] = {}

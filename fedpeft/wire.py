@@ -14,8 +14,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 ARRAYS = "arrays"
 CONFIG = "config"
-SCALINGS = "scalings"
 METRICS = "metrics"
+SCALING_PREFIX = "scaling/"
+"""Config keys ``scaling/<module>`` carry each module's LoRA scaling. They share the
+one ConfigRecord of a message because Flower's DP client mods require exactly one."""
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -30,5 +32,11 @@ def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     return int(sum(np.asarray(a).nbytes for a in arrays.values()))
 
 
-def scalings_record(scalings: Mapping[str, float]) -> ConfigRecord:
-    return ConfigRecord({k: float(v) for k, v in scalings.items()})
+def payload_config(config: Mapping, scalings: Mapping[str, float]) -> ConfigRecord:
+    """``config`` plus the payload's scalings, as the message's single ConfigRecord."""
+    return ConfigRecord({**dict(config), **{SCALING_PREFIX + k: float(v) for k, v in scalings.items()}})
+
+
+def scalings_of(config: Mapping) -> dict[str, float]:
+    """The scalings a :func:`payload_config` record carries."""
+    return {k[len(SCALING_PREFIX):]: float(v) for k, v in config.items() if k.startswith(SCALING_PREFIX)}

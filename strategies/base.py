@@ -71,6 +71,12 @@ class Strategy:
     personalised : bool
         True if each client uses its own model (per-client factors), so a
         federation also reports each client's accuracy on its own data.
+    client_dp_unsafe : str or None
+        Why client-level DP (Flower's central-DP wrappers: clip each client's
+        upload, add noise to the aggregate) would not protect this rule's
+        output, or None if it does: the new global arrays must be the uniform
+        mean of the clients' uploaded arrays, everything else unchanged.
+        ``dp.mode = "client"`` refuses a rule with a reason.
     """
 
     seed: int = 0
@@ -82,6 +88,9 @@ class Strategy:
     upload_parts: ClassVar[tuple[str, ...]] = PARTS
     upload_extras: ClassVar[bool] = True
     personalised: ClassVar[bool] = False
+    client_dp_unsafe: ClassVar[str | None] = (
+        "it does not declare its aggregate a plain mean of the uploaded arrays (client_dp_unsafe = None)"
+    )
 
     # -- description and parameters -------------------------------------------
     @classmethod

@@ -38,6 +38,10 @@ class FedExLoRA(FedIT):
     Clients must share one rank.
     """
 
+    client_dp_unsafe = (
+        "its residual sum_i p_i B_i A_i - B A is built from each client's clipped factors and sent without noise"
+    )
+
     exact = True
 
     def aggregate_factors(

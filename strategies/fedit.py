@@ -39,6 +39,8 @@ class FedIT(Strategy):
     it into the base weight as a residual. Clients must share one rank.
     """
 
+    client_dp_unsafe = None  # the global arrays are the uniform mean of the uploads
+
     exact = False
 
     def aggregate_factors(

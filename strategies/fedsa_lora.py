@@ -50,6 +50,8 @@ class FedSALoRA(Strategy):
     Clients must share one rank.
     """
 
+    client_dp_unsafe = "the server keeps each client's own B and returns it outside the noised mean"
+
     exact = False
     personalised = True
 

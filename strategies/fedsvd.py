@@ -80,6 +80,10 @@ class FedSVD(Strategy):
         stays as it is, as in FFA-LoRA.
     """
 
+    client_dp_unsafe = (
+        "its SVD re-factorisation runs before the noise, and one client can move the new factors by more than clip / clients"
+    )
+
     refactor_every: int = 1
 
     exact = True

@@ -43,6 +43,8 @@ class FFALoRA(Strategy):
     paper also suggests a larger ``alpha`` to make up for the frozen ``A``.
     """
 
+    client_dp_unsafe = None  # the global arrays are the uniform mean of the uploads
+
     exact = True
     train_parts = ("B",)
     upload_parts = ("B",)

@@ -70,6 +70,10 @@ class FlexLoRA(RankTruncating):
     B so they stay trainable.
     """
 
+    client_dp_unsafe = (
+        "its SVD truncation runs before the noise, and one client can move the truncated factors by more than clip / clients"
+    )
+
     exact = False
 
     def aggregate_factors(

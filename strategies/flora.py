@@ -50,6 +50,10 @@ class FLoRA(Strategy):
     ``B = 0`` at the client's rank, and train with the payload's scaling.
     """
 
+    client_dp_unsafe = (
+        "it stacks every client's factors into the global adapter, so each one is released without noise"
+    )
+
     exact = True
     heterogeneous_ranks = True
 

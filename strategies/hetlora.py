@@ -145,6 +145,10 @@ class HetLoRA(RankTruncating):
         Pruning never goes below this rank.
     """
 
+    client_dp_unsafe = (
+        "it weights clients by the norms of their own updates, so one client moves the aggregate by more than clip / clients"
+    )
+
     weighting: str = "norm_examples"
     prune_threshold: float = 0.0
     min_rank: int = 1

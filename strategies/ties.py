@@ -88,6 +88,10 @@ class TIESMerging(Strategy):
         Step size applied to the merged update (TIES' lambda).
     """
 
+    client_dp_unsafe = (
+        "trimming and sign election depend on each client's update, so one client moves the merge by more than clip / clients"
+    )
+
     density: float = 0.2
     scale: float = 1.0
 

@@ -31,9 +31,18 @@ def without_time(lines):
     return [{k: v for k, v in m.items() if k != "wall_s"} for m in lines]
 
 
-@pytest.mark.parametrize("strategy", ["fedit", "fedex-lora"])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy):
-    cfg = load_config(None, TINY + [f'strategy.name="{strategy}"'])
+SAMPLE_DP = ['dp.mode="sample"', "dp.delta=1e-3", "dp.noise_multiplier=1.5"]
+CLIENT_DP = ['dp.mode="client"', 'dp.clipping="adaptive"', "dp.clipped_count_stddev=1.0", "dp.noise_multiplier=0.5",
+             "dp.delta=0.1"]
+
+
+@pytest.mark.parametrize("strategy,extra", [("fedit", []), ("fedex-lora", []), ("fedex-lora", SAMPLE_DP),
+                                            ("ffa-lora", CLIENT_DP)],
+                         ids=["fedit", "fedex-lora", "sample-dp", "client-dp-adaptive"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, extra):
+    """DP included: each client's accountant (a fresh process would lose it) and the
+    adaptive clipping norm and noise stream continue where the checkpoint left them."""
+    cfg = load_config(None, TINY + [f'strategy.name="{strategy}"'] + extra)
     run_engine(cfg, tmp_path / "whole")
     with pytest.raises(Stop):
         run_engine(cfg, tmp_path / "cut", on_round=stop_after_round_one)

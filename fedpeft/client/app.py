@@ -12,15 +12,46 @@ Handlers:
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config import Config, config_from_run_config
+from fedpeft.config import Config, batch_sampling, config_from_run_config
 from fedpeft.engine import quiet_environment
+from fedpeft.privacy import Accountant, create_accountant
+from fedpeft.privacy.client_level import client_clipping_mod
+from fedpeft.privacy.dp_sgd import DPSGD
 from fedpeft.runtime import runtime
 from fedpeft.training import evaluate, train_steps
-from fedpeft.wire import ARRAYS, CONFIG, METRICS, SCALINGS, from_array_record, to_array_record
+from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, scalings_of, to_array_record
 from strategies import ClientUpdate, Payload
+
+ACCOUNTANT = "dp-accountant"
+"""``Context.state`` key of a client's privacy accountant (sample-level DP)."""
+
+
+def client_accountant(context: Context, name: str, prior: tuple[float, float, int]) -> Accountant:
+    """This client's accountant, kept in its Flower ``Context.state`` across rounds.
+
+    ``prior`` is ``(sigma, q, steps)`` of the DP-SGD steps the server has on
+    record for this client: a node that lost its state (a resumed run in a
+    fresh process) restarts from that record instead of from zero.
+    """
+    saved = context.state.config_records.get(ACCOUNTANT)
+    accountant = create_accountant(name, dict(saved) if saved is not None else None)
+    sigma, q, steps = prior
+    if accountant.steps < steps:
+        accountant = create_accountant(name).step(sigma, q, steps)
+    return accountant
+
+
+def _dp_training(conf: Config, config, context: Context, shard_size: int):
+    """The DP-SGD mechanism and accountant of this train message (None, None without sample DP)."""
+    if conf.dp.mode != "sample":
+        return None, None
+    sigma = float(config["dp-noise-multiplier"])
+    q = min(1.0, conf.train.batch_size / shard_size)
+    accountant = client_accountant(context, conf.dp.accountant, (sigma, q, int(config["dp-prior-steps"])))
+    return DPSGD(sigma, conf.dp.max_grad_norm, q), accountant
 
 
 def client_seed(seed: int, server_round: int, client_id: int) -> int:
@@ -31,7 +62,8 @@ def client_seed(seed: int, server_round: int, client_id: int) -> int:
 def make_client_app(cfg: Config | None = None) -> ClientApp:
     """A ClientApp for ``cfg``; without one, the config comes from the run config
     (``flwr run .``)."""
-    app = ClientApp()
+    mods = [m for m in (client_clipping_mod(cfg.dp),) if m] if cfg is not None else [_clipping_from_run_config]
+    app = ClientApp(mods=mods)
 
     def setup(context: Context):
         quiet_environment()
@@ -47,12 +79,15 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         conf, rt, cid = setup(context)
-        server_round = int(msg.content[CONFIG]["server-round"])
-        payload = Payload.from_arrays(from_array_record(msg.content[ARRAYS]), dict(msg.content[SCALINGS]))
+        config = msg.content[CONFIG]
+        server_round = int(config["server-round"])
+        received = from_array_record(msg.content[ARRAYS])
+        payload = Payload.from_arrays(received, scalings_of(config))
         rt.model.set_payload(payload, trainable=rt.strategy.trainable)
         split, _ = rt.splits
         shard = rt.shards[cid]
         t = conf.train
+        dp, accountant = _dp_training(conf, config, context, len(shard))
         metrics = train_steps(
             rt.model.model,
             split,
@@ -63,10 +98,22 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
             lr=t.lr,
             weight_decay=t.weight_decay,
             seed=client_seed(conf.federation.seed, server_round, cid),
+            sampling=batch_sampling(conf),
+            dp=dp,
         )
+        if accountant is not None:
+            accountant.step(dp.noise_multiplier, dp.sample_rate, t.local_steps)
+            context.state[ACCOUNTANT] = ConfigRecord(accountant.state_dict())
+            metrics["dp-epsilon"] = accountant.epsilon(conf.dp.delta)
+            metrics["dp-steps"] = accountant.steps
         local = rt.model.payload()
         update = ClientUpdate(client_id=str(cid), factors=local.factors, num_examples=len(shard), extras=local.extras)
-        sent = rt.strategy.upload_arrays(update)
+        if conf.dp.mode == "client":
+            # Flower's clipping pairs the reply's arrays with the ones sent, key by key.
+            mine = local.arrays()
+            sent = {k: mine[k] for k in received}
+        else:
+            sent = rt.strategy.upload_arrays(update)
         reply = RecordDict(
             {
                 ARRAYS: to_array_record(sent),
@@ -78,7 +125,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate_local(msg: Message, context: Context) -> Message:
         conf, rt, cid = setup(context)
-        payload = Payload.from_arrays(from_array_record(msg.content[ARRAYS]), dict(msg.content[SCALINGS]))
+        payload = Payload.from_arrays(from_array_record(msg.content[ARRAYS]), scalings_of(msg.content[CONFIG]))
         rt.model.set_payload(payload)
         split, _ = rt.splits
         sub = split.subset(rt.shards[cid])
@@ -87,6 +134,12 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         return Message(reply, reply_to=msg)
 
     return app
+
+
+def _clipping_from_run_config(msg: Message, context: Context, call_next):
+    """Client-side DP clipping when the config comes from the run config (``flwr run .``)."""
+    mod = client_clipping_mod(config_from_run_config(context.run_config).dp)
+    return mod(msg, context, call_next) if mod else call_next(msg, context)
 
 
 # ``flwr run .`` loads this object (pyproject [tool.flwr.app.components]).

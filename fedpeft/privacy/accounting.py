@@ -37,6 +37,7 @@ with one line that names the config key, like the rest of fedpeft's config.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -397,7 +398,10 @@ class RDPAccountant(Accountant):
 
         acc = OpacusRDP()
         acc.history = history
-        return acc.get_epsilon(delta=delta, alphas=list(self.orders))
+        with warnings.catch_warnings():
+            # "Optimal order is the largest alpha": only for epsilons far below any target (huge sigma).
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return acc.get_epsilon(delta=delta, alphas=list(self.orders))
 
 
 class PRVGridTooLarge(ConfigError):

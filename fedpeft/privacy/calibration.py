@@ -8,6 +8,7 @@ candidate is checked by that accountant, none is extrapolated).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.accounting import (
@@ -20,7 +21,7 @@ from fedpeft.privacy.accounting import (
     compute_epsilon,
 )
 
-__all__ = ["calibrate_noise", "MAX_NOISE_MULTIPLIER", "MIN_NOISE_MULTIPLIER"]
+__all__ = ["calibrate_noise", "smallest_noise_multiplier", "MAX_NOISE_MULTIPLIER", "MIN_NOISE_MULTIPLIER"]
 
 MAX_NOISE_MULTIPLIER = 1e6
 """Give up (ConfigError) if the target needs more noise than this (opacus's limit too)."""
@@ -75,6 +76,18 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         except PRVGridTooLarge:  # only happens with little noise: far above any sane target
             return math.inf
 
+    return smallest_noise_multiplier(eps, target, rtol, f"delta={delta:g}, q={q:g}, {steps} steps")
+
+
+def smallest_noise_multiplier(eps: Callable[[float], float], target: float, rtol: float = 0.005,
+                              setting: str = "") -> float:
+    """The smallest sigma with ``eps(sigma) <= target`` (``eps`` decreasing in sigma).
+
+    Returns a sigma with ``(1 - rtol) * target <= eps(sigma) <= target``, or
+    the largest sigma tried below :data:`MIN_NOISE_MULTIPLIER` if even that
+    meets the target; ``setting`` describes the mechanism in the error raised
+    when no sigma up to :data:`MAX_NOISE_MULTIPLIER` reaches the target.
+    """
     # Bracket: eps(lo) > target >= eps(hi).
     hi, eps_hi = 1.0, eps(1.0)
     if eps_hi > target:
@@ -83,8 +96,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             lo, hi = hi, 2.0 * hi
             if hi > MAX_NOISE_MULTIPLIER:
                 raise ConfigError(
-                    f"dp.target_epsilon = {target_epsilon!r} cannot be reached with a noise multiplier "
-                    f"<= {MAX_NOISE_MULTIPLIER:g} (delta={delta:g}, q={q:g}, {steps} steps); raise it"
+                    f"dp.target_epsilon = {target!r} cannot be reached with a noise multiplier "
+                    f"<= {MAX_NOISE_MULTIPLIER:g} ({setting}); raise it"
                 )
             eps_hi = eps(hi)
     else:

@@ -18,7 +18,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeft.config import Config, client_ranks, config_from_run_config
 from fedpeft.engine import quiet_environment
 from fedpeft.runtime import Runtime, runtime
+from fedpeft.privacy.client_level import wrap_client_dp
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload
+from fedpeft.server.privacy_log import dp_checkpoint, restore_wrapper, round_privacy, run_privacy
 from fedpeft.server.run_folder import RunFolder, default_run_dir, machine_description
 from fedpeft.training import evaluate
 from fedpeft.wire import METRICS, to_array_record
@@ -82,6 +84,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
     rt = runtime(cfg, threads=cfg.federation.threads or os.cpu_count())
     strategy = rt.strategy
     initial = rt.model.initial
+    plan = rt.dp_plan  # before anything is written: an unreachable target is a config error
     if resume:
         state, progress, history = folder.load_checkpoint()
     else:
@@ -92,7 +95,14 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
     done = progress["round"]
     node_ids = discover_clients(grid, cfg.federation.num_clients)
     client_eval = cfg.federation.client_eval or strategy.personalised
-    flower = FlowerLoRAStrategy(strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval, done)
+    dp_progress = progress.get("dp", {})
+    flower = FlowerLoRAStrategy(strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval, done,
+                                dp_plan=plan, dp_steps=dp_progress.get("steps"), dp_epsilon=dp_progress.get("epsilon"))
+    outer = flower
+    if plan is not None and plan.unit == "client":
+        outer = wrap_client_dp(flower, cfg.dp, plan.noise_multiplier, cfg.clients_per_round, flower.private_keys(),
+                               cfg.federation.seed)
+        restore_wrapper(outer, dp_progress.get("wrapper"))
     totals = {"up": progress["cum_bytes_up"], "down": progress["cum_bytes_down"]}
 
     def elapsed() -> float:
@@ -102,6 +112,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         server_round += done
         if resume and server_round == done:  # evaluated before the stop
             return None
+        flower.adopt(arrays)
         result = evaluate_global(rt, flower.state)
         log_ = flower.rounds.get(server_round)
         up, down = (log_.bytes_up, log_.bytes_down) if log_ else (0, 0)
@@ -119,18 +130,19 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
             "clients": log_.clients if log_ else [],
             "failed": log_.failed if log_ else [],
             **(_client_accuracy(log_) if flower.client_eval else {}),
-            "epsilon": None,
+            **round_privacy(plan, flower, log_, server_round),
             "wall_s": elapsed(),
         }
         history.append(line)
         folder.append_metrics(line)
         folder.save_checkpoint(flower.state, {"round": server_round, "cum_bytes_up": totals["up"],
-                                              "cum_bytes_down": totals["down"], "wall_s": line["wall_s"]})
+                                              "cum_bytes_down": totals["down"], "wall_s": line["wall_s"],
+                                              "dp": dp_checkpoint(flower, outer)})
         if on_round:
             on_round(line)
         return MetricRecord({k: float(v) for k, v in result.items()})
 
-    flower.start(
+    outer.start(
         grid=grid,
         initial_arrays=to_array_record(global_payload(state).arrays()),
         num_rounds=cfg.federation.num_rounds - done,
@@ -160,8 +172,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         "full_finetune_bytes_per_round": 2 * cfg.clients_per_round * rt.model.full_model_nbytes(),
         "trainable_params": rt.model.trainable_params,
         "total_params": rt.model.total_params,
-        "epsilon": None,
-        "delta": None,
+        **run_privacy(plan, flower, history),
         "wall_s": elapsed(),
         "seed": cfg.federation.seed,
         "machine": machine_description(),

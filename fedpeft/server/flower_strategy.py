@@ -11,7 +11,7 @@ own wrappers (differential privacy, robust aggregation) can wrap it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO
 
 import numpy as np
@@ -20,7 +20,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
-from fedpeft.wire import ARRAYS, CONFIG, METRICS, SCALINGS, from_array_record, nbytes, scalings_record, to_array_record
+from fedpeft.server.sampling import sample_clients
+from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, nbytes, payload_config, to_array_record
 from strategies import Payload, ServerState
 from strategies import Strategy as LoRAStrategy
 
@@ -52,17 +53,9 @@ def aggregation_error(before: ServerState, after: ServerState, updates, weights)
 def payload_message(payload: Payload, config: ConfigRecord, message_type: str, node_id: int) -> Message:
     """One message carrying a strategy payload: arrays, config and scalings."""
     content = RecordDict(
-        {ARRAYS: to_array_record(payload.arrays()), CONFIG: config, SCALINGS: scalings_record(payload.scalings())}
+        {ARRAYS: to_array_record(payload.arrays()), CONFIG: payload_config(config, payload.scalings())}
     )
     return Message(content=content, message_type=message_type, dst_node_id=node_id)
-
-
-def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
-    """The clients of one round: a seeded draw without replacement, sorted."""
-    if per_round >= num_clients:
-        return list(range(num_clients))
-    rng = np.random.default_rng([seed, server_round])
-    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
 
 
 @dataclass
@@ -76,6 +69,7 @@ class RoundLog:
     train_loss: float | None = None
     aggregation_error: float | None = None
     client_accuracy: dict[int, float] | None = None
+    epsilon: dict[int, float] = field(default_factory=dict)  # sample-level DP: each trained client's epsilon so far
 
 
 class FlowerLoRAStrategy(FlowerStrategy):
@@ -98,10 +92,23 @@ class FlowerLoRAStrategy(FlowerStrategy):
     round_offset : int
         Rounds already done before this start (a resumed run): Flower counts
         from 1 again, fedpeft's rounds, seeds and logs stay absolute.
+    dp_plan : fedpeft.privacy.DPPlan, optional
+        Sample level: clients get the noise multiplier and the DP-SGD steps
+        they already took (their accountant survives a resume that way);
+        their epsilons come back in the replies. Client level: this adapter
+        runs inside a Flower DP wrapper, so it weights clients equally and
+        adopts the noised arrays the wrapper releases as the new state.
+    dp_steps, dp_epsilon : dict, optional
+        DP-SGD steps and epsilon of each client before this start (a resumed run).
     """
 
     def __init__(self, strategy: LoRAStrategy, state: ServerState, node_ids: dict[int, int], clients_per_round: int,
-                 seed: int, client_eval: bool = False, round_offset: int = 0):
+                 seed: int, client_eval: bool = False, round_offset: int = 0, dp_plan=None,
+                 dp_steps: dict[int, int] | None = None, dp_epsilon: dict[int, float] | None = None):
+        self.dp_plan = dp_plan
+        self.dp_steps = {int(c): int(s) for c, s in (dp_steps or {}).items()}
+        self.dp_epsilon = {int(c): float(e) for c, e in (dp_epsilon or {}).items()}
+        self.client_dp = dp_plan is not None and dp_plan.unit == "client"
         self.client_eval = client_eval
         self.round_offset = round_offset
         self.strategy = strategy
@@ -116,8 +123,36 @@ class FlowerLoRAStrategy(FlowerStrategy):
         log(INFO, "\t├──> fedpeft strategy: %s", self.strategy.describe())
         log(INFO, "\t└──> clients per round: %d of %d", self.clients_per_round, len(self.node_ids))
 
+    def adopt(self, arrays: ArrayRecord) -> None:
+        """Client-level DP: take the released (noised) global arrays as the state.
+
+        Flower's DP wrapper adds its noise to the arrays :meth:`aggregate_train`
+        returns; the model clients train from and the server evaluates must be
+        that noised release, not the clean aggregate, or the noise protects
+        nothing.
+        """
+        if not self.client_dp:
+            return
+        released = Payload.from_arrays(from_array_record(arrays), global_payload(self.state).scalings())
+        self.state = replace(self.state, factors=released.factors, extras=released.extras)
+
+    def uploaded(self, arrays: dict) -> dict:
+        """The arrays of a reply the strategy takes: under client-level DP clients
+        echo every key they were sent (Flower's clipping pairs them by position)."""
+        if not self.client_dp:
+            return arrays
+        keys = self.private_keys()
+        return {k: v for k, v in arrays.items() if k in keys}
+
+    def private_keys(self) -> set[str]:
+        """Keys of the global arrays that clients train and upload."""
+        parts = tuple(f"lora_{p}/" for p in self.strategy.upload_parts)
+        extras = ("extra/",) if self.strategy.upload_extras else ()
+        return {k for k in global_payload(self.state).arrays() if k.startswith(parts + extras)}
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
+        self.adopt(arrays)
         clients = sample_clients(len(self.node_ids), self.clients_per_round, self.seed, server_round)
         log_ = self.rounds[server_round] = RoundLog(clients=clients)
         messages = []
@@ -125,6 +160,9 @@ class FlowerLoRAStrategy(FlowerStrategy):
             payload = self.strategy.payload_for(self.state, str(cid))
             log_.bytes_down += payload.nbytes
             train_config = ConfigRecord({**dict(config), "server-round": server_round})
+            if self.dp_plan is not None and self.dp_plan.unit == "sample":
+                train_config["dp-noise-multiplier"] = float(self.dp_plan.noise_multiplier)
+                train_config["dp-prior-steps"] = self.dp_steps.get(cid, 0)
             messages.append(payload_message(payload, train_config, MessageType.TRAIN, self.node_ids[cid]))
         return messages
 
@@ -139,13 +177,17 @@ class FlowerLoRAStrategy(FlowerStrategy):
                 continue
             arrays = from_array_record(msg.content[ARRAYS])
             metrics = dict(msg.content[METRICS])
-            n = int(metrics["num-examples"])
+            # Client-level DP calibrates its noise to a uniform mean: every client counts once.
+            n = 1 if self.client_dp else int(metrics["num-examples"])
             try:
-                update = self.strategy.receive(self.state, str(cid), arrays, n, metrics=metrics)
+                update = self.strategy.receive(self.state, str(cid), self.uploaded(arrays), n, metrics=metrics)
             except ValueError as exc:  # a malformed upload is rejected, not aggregated
                 log_.failed.append({"client": cid, "reason": f"rejected: {exc}"})
                 continue
             log_.bytes_up += nbytes(arrays)
+            if "dp-epsilon" in metrics:
+                log_.epsilon[int(cid)] = self.dp_epsilon[int(cid)] = float(metrics["dp-epsilon"])
+                self.dp_steps[int(cid)] = int(metrics["dp-steps"])
             updates.append(update)
             losses.append(float(metrics.get("train_loss", np.nan)))
             weights.append(n)
@@ -161,6 +203,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """With ``client_eval``, every client evaluates the model it would use on its own shard."""
         server_round += self.round_offset
+        self.adopt(arrays)
         if not self.client_eval:
             return []
         messages = []

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 
 import numpy as np
 import torch
 
+from fedpeft.privacy.dp_sgd import DPSGD, dp_optimizer, grad_sample_module, noise_only_step, per_sample_loss, poisson_batches
 from fedpeft.training.batches import EncodedSplit
 
 
@@ -35,27 +37,50 @@ def batch_schedule(indices: np.ndarray, steps: int, batch_size: int, rng: np.ran
 
 
 def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, batch_size: int, lr: float,
-                weight_decay: float, seed: int) -> dict[str, float]:
+                weight_decay: float, seed: int, sampling: str = "shuffle", dp: DPSGD | None = None) -> dict[str, float]:
     """Run ``steps`` AdamW steps on the trainable parameters; returns train metrics.
 
     Batches and dropout depend only on ``seed``, so a client's work is
-    reproducible whichever worker process runs it.
+    reproducible whichever worker process runs it. ``sampling`` is
+    ``"shuffle"`` (epochs without replacement, fixed batch size) or
+    ``"poisson"`` (each example independently, rate ``batch_size / n``).
+    With ``dp`` the steps are DP-SGD (opacus per-sample clipping and noise
+    on Poisson batches at ``dp.sample_rate``).
     """
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if dp is not None:
+        schedule = poisson_batches(indices, steps, dp.sample_rate, rng)
+    elif sampling == "poisson":
+        schedule = poisson_batches(indices, steps, min(1.0, batch_size / len(indices)), rng)
+    else:
+        schedule = batch_schedule(indices, steps, batch_size, rng)
     model.train()
-    losses = []
-    with torch.random.fork_rng(devices=[]):
+    losses, sizes = [], []
+    with torch.random.fork_rng(devices=[]), ExitStack() as stack:
         torch.manual_seed(seed)
-        for batch_idx in batch_schedule(indices, steps, batch_size, rng):
-            loss, _ = _forward_loss(model, split.batch(batch_idx, task), task)
+        if dp is not None:
+            forward = stack.enter_context(grad_sample_module(model))
+            optimizer = dp_optimizer(optimizer, dp, dp.sample_rate * len(indices), torch.Generator().manual_seed(seed))
+        for batch_idx in schedule:
+            sizes.append(len(batch_idx))
             optimizer.zero_grad(set_to_none=True)
+            if len(batch_idx) == 0:
+                if dp is not None:
+                    noise_only_step(optimizer)
+                continue
+            batch = split.batch(batch_idx, task)
+            if dp is not None:
+                loss = per_sample_loss(forward(batch["input_ids"], batch["attention_mask"]), batch, task).mean()
+            else:
+                loss, _ = _forward_loss(model, batch, task)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
     model.eval()
-    return {"train_loss": float(np.mean(losses)), "steps": float(len(losses))}
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(schedule)),
+            "mean_batch_size": float(np.mean(sizes))}
 
 
 @torch.inference_mode()

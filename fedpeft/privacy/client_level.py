@@ -1,0 +1,194 @@
+"""Client-level DP (``dp.mode = "client"``): Flower's central-DP wrappers, accounted by fedpeft.
+
+The mechanism is Flower's: each client's upload is clipped to norm C (on the
+server or, with ``fedpeft.client``'s mod, on the client; fixed or adaptive
+norm), the strategy aggregates, and the server adds Gaussian noise of std
+``sigma * C / m`` to the aggregate of ``m`` sampled clients. fedpeft adds
+three things Flower leaves out:
+
+* **Accounting with sampling.** fedpeft samples a fixed number ``m`` of the
+  ``N`` clients each round without replacement. The matching neighbouring
+  relation is *replace one client*, under which a clipped update moves the
+  mean by up to ``2 C / m``: the mechanism is a Gaussian with noise
+  multiplier ``sigma / 2`` relative to that sensitivity, amplified by
+  sampling without replacement (Wang, Balle and Kasiviswanathan 2019, in
+  Google's dp-accounting RDP accountant). Flower's own accountant covers
+  neither the sampling nor this relation.
+* **Which rules it protects.** The noise is only meaningful if the new
+  global arrays are the uniform mean of the uploads; rules that build
+  anything else from individual updates are refused
+  (:attr:`strategies.Strategy.client_dp_unsafe`), and clients are weighted
+  equally.
+* **Noise only where the data is.** Flower adds noise to every array of the
+  aggregate; a factor no client trains (FFA-LoRA's ``A``) carries no data,
+  and noising it would destroy the rule's point. The wrappers here add the
+  same noise to the private arrays only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import lru_cache
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MessageType
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+from flwr.supercore.differential_privacy import compute_stdv
+
+from fedpeft.privacy.accounting import check_delta, check_noise_multiplier
+from fedpeft.privacy.calibration import smallest_noise_multiplier
+
+__all__ = ["client_level_epsilon", "calibrate_client_noise", "wrap_client_dp", "client_clipping_mod"]
+
+
+@lru_cache(maxsize=4096)
+def client_level_epsilon(noise_multiplier: float, num_clients: int, clients_per_round: int, rounds: int,
+                         delta: float) -> float:
+    """Epsilon (client unit, replace-one relation) after ``rounds`` noised aggregates.
+
+    Each round releases ``mean of m clipped uploads + N(0, (sigma C / m)^2)``
+    with ``m = clients_per_round`` drawn without replacement from
+    ``num_clients``. With adaptive clipping, ``sigma`` is the total noise
+    multiplier of the update and the clipped-count query together (Flower
+    splits it, Andrew et al. 2021), so the same number applies.
+    """
+    import dp_accounting
+    from dp_accounting import rdp
+
+    sigma = check_noise_multiplier(noise_multiplier)
+    delta = check_delta(delta)
+    if rounds <= 0:
+        return 0.0
+    if sigma == 0.0:
+        return math.inf
+    event = dp_accounting.GaussianDpEvent(sigma / 2.0)  # replace-one doubles the sensitivity
+    if clients_per_round < num_clients:
+        event = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, event)
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(rounds)))
+    absl = logging.getLogger("absl")  # it warns for every order it drops as not converging
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return float(accountant.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
+
+
+def calibrate_client_noise(target_epsilon: float, delta: float, num_clients: int, clients_per_round: int,
+                           rounds: int) -> float:
+    """The smallest noise multiplier whose client-level epsilon after ``rounds`` is <= the target."""
+    return smallest_noise_multiplier(
+        lambda s: client_level_epsilon(s, num_clients, clients_per_round, rounds, delta),
+        target_epsilon,
+        setting=f"client level, {clients_per_round} of {num_clients} clients, {rounds} rounds, delta={delta:g}",
+    )
+
+
+class _NoisePrivateArraysOnly:
+    """Mixin over a Flower DP wrapper: noise on ``private_keys`` only, from a seeded generator,
+    scaled to the clipping norm the round's updates were clipped with.
+
+    Flower's adaptive wrappers update the norm (``_geometric_update``) between
+    clipping and noising, and then scale the noise to the *new* norm: when the
+    norm shrinks, that is less noise than the clipped updates need. Here the
+    norm used for clipping is kept and the noise follows it.
+    """
+
+    private_keys: frozenset[str] = frozenset()
+    noise_rng: np.random.Generator
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self.round_clipping_norm = self.clipping_norm
+        super()._geometric_update(clipped_fraction)
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        return float(self.noise_rng.normal(count, self.clipped_count_stddev)) / float(total)
+
+    def noise_std(self) -> float:
+        """Std of the Gaussian noise added to each private coordinate of this round's aggregate."""
+        clip = getattr(self, "round_clipping_norm", self.clipping_norm)
+        return compute_stdv(self.noise_multiplier, clip, self.num_sampled_clients)
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        std = self.noise_std()
+        out = {}
+        for key, array in aggregated_arrays.items():
+            values = array.numpy()
+            if key in self.private_keys:
+                values = values + self.noise_rng.normal(0.0, std, values.shape).astype(values.dtype)
+            out[key] = Array(np.ascontiguousarray(values))
+        self.round_clipping_norm = self.clipping_norm
+        return ArrayRecord(out)
+
+
+def _wrapper_class(base: type) -> type:
+    return type(f"Private{base.__name__}", (_NoisePrivateArraysOnly, base), {})
+
+
+_WRAPPERS = {
+    ("server", "fixed"): _wrapper_class(DifferentialPrivacyServerSideFixedClipping),
+    ("server", "adaptive"): _wrapper_class(DifferentialPrivacyServerSideAdaptiveClipping),
+    ("client", "fixed"): _wrapper_class(DifferentialPrivacyClientSideFixedClipping),
+    ("client", "adaptive"): _wrapper_class(DifferentialPrivacyClientSideAdaptiveClipping),
+}
+
+
+def wrap_client_dp(strategy, dp, noise_multiplier: float, clients_per_round: int, private_keys, seed: int):
+    """``strategy`` (a Flower strategy) inside the Flower central-DP wrapper ``dp`` asks for.
+
+    Parameters
+    ----------
+    strategy : flwr.serverapp.strategy.Strategy
+        The wrapped strategy (fedpeft's adapter).
+    dp : fedpeft.config.DPConfig
+        ``clip_on`` and ``clipping`` choose the wrapper; ``max_grad_norm`` is
+        the (initial) clipping norm.
+    noise_multiplier : float
+        Sigma (already calibrated if ``dp.target_epsilon`` is set).
+    clients_per_round : int
+        Clients sampled each round (Flower's ``num_sampled_clients``).
+    private_keys : iterable of str
+        Array keys that clients train and upload: the only ones noised.
+    seed : int
+        Seeds the noise, so a run is repeatable. (A deployment would use a
+        cryptographically secure source instead.)
+    """
+    cls = _WRAPPERS[(dp.clip_on, dp.clipping)]
+    if dp.clipping == "fixed":
+        wrapper = cls(strategy, noise_multiplier, dp.max_grad_norm, clients_per_round)
+    else:
+        wrapper = cls(
+            strategy,
+            noise_multiplier,
+            clients_per_round,
+            initial_clipping_norm=dp.max_grad_norm,
+            target_clipped_quantile=dp.target_clipped_quantile,
+            clip_norm_lr=dp.clip_norm_lr,
+            clipped_count_stddev=dp.clipped_count_stddev or None,
+        )
+    wrapper.private_keys = frozenset(private_keys)
+    wrapper.noise_rng = np.random.default_rng([seed, 7727])
+    return wrapper
+
+
+def client_clipping_mod(dp):
+    """The Flower client mod that clips train replies for ``dp`` (None if the server clips)."""
+    if dp.mode != "client" or dp.clip_on != "client":
+        return None
+    mod = fixedclipping_mod if dp.clipping == "fixed" else adaptiveclipping_mod
+
+    def train_only(msg: Message, context, call_next):
+        # Flower's mod expects a train message; queries and evaluations pass through.
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        return mod(msg, context, call_next)
+
+    return train_only

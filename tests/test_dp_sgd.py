@@ -1,0 +1,108 @@
+"""Sample-level DP-SGD on the real LoRA model: per-sample gradients, clipping, noise, sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedpeft.config import load_config
+from fedpeft.errors import ConfigError
+from fedpeft.privacy.dp_sgd import DPSGD, check_private_model, grad_sample_module, per_sample_loss, poisson_batches
+from fedpeft.runtime import runtime
+from fedpeft.training import train_steps
+from tests.test_models import random_payload
+
+
+@pytest.fixture(scope="module")
+def rt():
+    # Dropout off, so a batched forward and one-example forwards see the same function.
+    return runtime(load_config(None, ["model.dropout=0.0", "peft.r=4", "data.max_test_examples=64"]))
+
+
+def _reference_grads(model, split, idx, task):
+    """Each example's gradient, computed alone: the ground truth opacus must match."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in idx:
+        batch = split.batch([i], task)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = per_sample_loss(logits, batch, task).sum()
+        out.append([g.detach().clone() for g in torch.autograd.grad(loss, params)])
+    return params, out
+
+
+@pytest.mark.parametrize("freeze_a", [False, True], ids=["A-and-B", "B-only"])
+def test_opacus_per_sample_grads_equal_one_at_a_time_reference(rt, freeze_a):
+    rt.model.set_payload(random_payload(rt.model.initial, seed=0))  # B != 0, so A has gradients too
+    model = rt.model.model
+    model.train()
+    split, _ = rt.splits
+    idx = rt.shards[0][:5]
+    frozen = []
+    if freeze_a:  # FFA-LoRA: a frozen factor must get no grad sample, the others still right
+        frozen = [p for n, p in model.named_parameters() if "lora_A" in n]
+        for p in frozen:
+            p.requires_grad_(False)
+    try:
+        params, reference = _reference_grads(model, split, idx, rt.model.task)
+        assert params, "nothing trainable"
+        batch = split.batch(idx, rt.model.task)
+        with grad_sample_module(model) as gsm:
+            loss = per_sample_loss(gsm(batch["input_ids"], batch["attention_mask"]), batch, rt.model.task).mean()
+            loss.backward()
+            for k, p in enumerate(params):
+                got = p.grad_sample
+                assert got.shape == (len(idx), *p.shape)
+                want = torch.stack([ref[k] for ref in reference])
+                scale = want.abs().max()
+                assert scale > 0, "a trainable tensor with zero gradient makes the check vacuous"
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(scale))
+        assert all(not hasattr(p, "grad_sample") for p in model.parameters()), "hooks' state left behind"
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        rt.model.set_payload(rt.model.initial)
+
+
+def test_poisson_batches_have_the_planned_rate_and_may_be_empty():
+    rng = np.random.default_rng(0)
+    batches = poisson_batches(np.arange(1000), 400, 0.02, rng)
+    sizes = np.array([len(b) for b in batches])
+    assert abs(sizes.mean() - 20) < 1.0
+    assert sizes.std() > 2  # variable, not fixed
+    assert all(len(set(b)) == len(b) for b in batches)
+    tiny = poisson_batches(np.arange(10), 200, 0.05, np.random.default_rng(1))
+    assert any(len(b) == 0 for b in tiny)
+
+
+def test_dp_training_is_seeded_and_noise_changes_the_result(rt):
+    rt.model.set_payload(rt.model.initial)
+    split, _ = rt.splits
+    shard = rt.shards[0][:64]
+
+    def run(seed, sigma):
+        rt.model.set_payload(rt.model.initial)
+        m = train_steps(rt.model.model, split, shard, task=rt.model.task, steps=3, batch_size=8, lr=1e-2,
+                        weight_decay=0.0, seed=seed, dp=DPSGD(sigma, 1.0, 8 / 64))
+        return m, rt.model.payload().arrays()
+
+    m1, a = run(5, 1.0)
+    _, b = run(5, 1.0)
+    _, c = run(6, 1.0)
+    assert m1["steps"] == 3 and 0 < m1["mean_batch_size"] < 64
+    assert all(np.array_equal(a[k], b[k]) for k in a), "same seed, different result"
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    rt.model.set_payload(rt.model.initial)
+
+
+def test_trainable_embeddings_are_refused(rt):
+    emb = rt.model.model.get_input_embeddings()
+    emb.weight.requires_grad_(True)
+    try:
+        with pytest.raises(ConfigError, match="trainable embeddings"):
+            check_private_model(rt.model.model)
+    finally:
+        emb.weight.requires_grad_(False)
