@@ -101,7 +101,7 @@ class DPConfig:
                                    "the starting norm with adaptive clipping)", min=0.0)
     clipping: str = _f("fixed", "client mode: fixed or adaptive clipping norm", choices=("fixed", "adaptive"))
     clip_on: str = _f("server", "client mode: clip updates on the server or on each client", choices=("server", "client"))
-    target_clipped_quantile: float = _f(0.5, "adaptive clipping: fraction of updates to leave unclipped", min=0.0, max=1.0)
+    target_clipped_quantile: float = _f(0.5, "adaptive clipping: the quantile of update norms the norm tracks (fraction left unclipped)", min=0.0, max=1.0)
     clip_norm_lr: float = _f(0.2, "adaptive clipping: learning rate of the clipping norm", min=0.0)
     clipped_count_stddev: float = _f(0.0, "adaptive clipping: noise on the clipped count (0 = clients per round / 20)",
                                      min=0.0)

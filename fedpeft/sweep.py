@@ -8,9 +8,14 @@ plus a ``[sweep]`` table::
     seeds = [0, 1, 2]
     strategies = ["fedit", "fedex-lora"]
     partitions = ["iid", "dirichlet:0.5", "natural"]    # dirichlet:<alpha>
+    epsilons = [inf, 8, 1]                              # optional: DP target epsilons
     full = ["federation.num_rounds=6"]                  # applied with --full
 
-Every run writes its own run folder under ``<out>/<strategy>/<partition>/seed<k>``
+With ``epsilons``, each run sets ``dp.target_epsilon`` (``inf`` = no DP) in
+the config's ``dp.mode`` (``"sample"`` if the config has none), and the table
+and plot show accuracy against epsilon.
+
+Every run writes its own run folder under ``<out>/<strategy>/<partition>/[eps<e>/]seed<k>``
 and is skipped when that folder already has a ``summary.json``, so an
 interrupted sweep resumes where it stopped. The table (mean ± std over seeds)
 and a plot are written at the end.
@@ -30,7 +35,7 @@ import numpy as np
 from fedpeft.config import config_from_dict, parse_override
 from fedpeft.errors import ConfigError
 
-SWEEP_KEYS = {"name", "seeds", "strategies", "partitions", "full", "budget"}
+SWEEP_KEYS = {"name", "seeds", "strategies", "partitions", "epsilons", "full", "budget"}
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,26 @@ class SweepRun:
     partition: str
     seed: int
     overrides: tuple[str, ...]
+    epsilon: float | None = None  # the DP target of an epsilon sweep (inf = no DP)
+    column: str = ""  # the table column: the partition, or epsilon (and partition) in an epsilon sweep
 
     @property
     def folder(self) -> Path:
-        return Path(self.strategy) / self.partition / f"seed{self.seed}"
+        eps = () if self.epsilon is None else (f"eps{self.epsilon:g}",)
+        return Path(self.strategy, self.partition, *eps, f"seed{self.seed}")
+
+
+def epsilon_label(epsilon: float) -> str:
+    return "ε = ∞" if np.isinf(epsilon) else f"ε = {epsilon:g}"
+
+
+def epsilon_overrides(epsilon: float, mode: str) -> list[str]:
+    """A target epsilon as config overrides; ``inf`` turns DP off."""
+    if np.isinf(epsilon):
+        return ['dp.mode="none"']
+    if not epsilon > 0:
+        raise ConfigError(f"sweep.epsilons: {epsilon!r} is not a positive epsilon (use inf for no DP)")
+    return [f'dp.mode="{mode if mode != "none" else "sample"}"', f"dp.target_epsilon={float(epsilon)!r}"]
 
 
 def partition_overrides(spec: str) -> list[str]:
@@ -76,11 +97,21 @@ def load_sweep(path: Path, full: bool = False, extra: list[str] | None = None) -
         section, key, value = parse_override(text)
         tables.setdefault(section, {})[key] = value
     runs = []
+    partitions = sweep.get("partitions", ["dirichlet:0.5"])
+    epsilons = sweep.get("epsilons", [None])
+    mode = tables.get("dp", {}).get("mode", "none")
     for strategy in sweep.get("strategies", [tables.get("strategy", {}).get("name", "fedit")]):
-        for partition in sweep.get("partitions", ["dirichlet:0.5"]):
-            for seed in sweep.get("seeds", [0]):
-                runs.append(SweepRun(strategy, partition.replace(":", "-"), int(seed),
-                                     (f'strategy.name="{strategy}"', *partition_overrides(partition), f"federation.seed={int(seed)}")))
+        for partition in partitions:
+            for epsilon in epsilons:
+                dp = [] if epsilon is None else epsilon_overrides(float(epsilon), mode)
+                column = partition.replace(":", "-")
+                if epsilon is not None:
+                    column = epsilon_label(float(epsilon)) + (f" ({column})" if len(partitions) > 1 else "")
+                for seed in sweep.get("seeds", [0]):
+                    runs.append(SweepRun(strategy, partition.replace(":", "-"), int(seed),
+                                         (f'strategy.name="{strategy}"', *partition_overrides(partition), *dp,
+                                          f"federation.seed={int(seed)}"),
+                                         None if epsilon is None else float(epsilon), column))
     for run in runs:  # every run's config must be valid before the first one starts
         run_tables(tables, run)
     return sweep, runs, tables
@@ -128,7 +159,8 @@ def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None
         metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         errors = [m["aggregation_error"] for m in metrics if m.get("aggregation_error") is not None]
         results.append({
-            "strategy": run.strategy, "partition": run.partition, "seed": run.seed,
+            "strategy": run.strategy, "partition": run.column or run.partition, "seed": run.seed,
+            "target_epsilon": run.epsilon, "epsilon": summary.get("epsilon"),
             "accuracy": summary["final_accuracy"], "bytes": summary["bytes_up"] + summary["bytes_down"],
             "wall_s": summary["wall_s"], "aggregation_error": float(np.mean(errors)) if errors else None,
             "majority_baseline": summary.get("majority_baseline"),
@@ -142,7 +174,11 @@ def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None
     table = summarise(results)
     (out / "table.md").write_text(render_table(table, sweep, full))
     baselines = {r["majority_baseline"] for r in results if r.get("majority_baseline") is not None}
-    plot_sweep(table, out / "accuracy.png", baseline=baselines.pop() if len(baselines) == 1 else None)
+    baseline = baselines.pop() if len(baselines) == 1 else None
+    if "epsilons" in sweep:
+        plot_epsilon_sweep(results, out / "accuracy.png", baseline=baseline)
+    else:
+        plot_sweep(table, out / "accuracy.png", baseline=baseline)
     return results
 
 
@@ -204,5 +240,40 @@ def plot_sweep(table: dict, path: Path, baseline: float | None = None) -> None:
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax.legend(title="partition", fontsize=8)
     ax.set_title("Accuracy by aggregation rule and data split (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_epsilon_sweep(results: list[dict[str, Any]], path: Path, baseline: float | None = None) -> None:
+    """Accuracy against the target epsilon, one line per strategy (mean ± std over seeds).
+
+    Epsilon is on a log axis; the non-private runs (``inf``) sit at the right
+    edge, marked "∞", so the cost of privacy reads off as the drop to each point.
+    """
+    from matplotlib.figure import Figure
+
+    finite = sorted({r["target_epsilon"] for r in results if not np.isinf(r["target_epsilon"])})
+    inf_x = finite[-1] * 2.5 if finite else 1.0
+    fig = Figure(figsize=(6.5, 4), dpi=120)
+    ax = fig.add_subplot()
+    for strategy in dict.fromkeys(r["strategy"] for r in results):
+        points = {}
+        for r in results:
+            if r["strategy"] == strategy:
+                x = inf_x if np.isinf(r["target_epsilon"]) else r["target_epsilon"]
+                points.setdefault(x, []).append(r["accuracy"])
+        xs = sorted(points)
+        means = [float(np.mean(points[x])) for x in xs]
+        stds = [float(np.std(points[x], ddof=1)) if len(points[x]) > 1 else 0.0 for x in xs]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=strategy)
+    if baseline is not None:
+        ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="majority class")
+    ax.set_xscale("log")
+    ax.set_xticks(finite + [inf_x], [f"{e:g}" for e in finite] + ["∞"])
+    ax.minorticks_off()
+    ax.set_xlabel("target ε (δ and unit from the config)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy against differential-privacy budget (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path)

@@ -61,6 +61,18 @@ def assert_user_error(proc: subprocess.CompletedProcess, *named: str) -> str:
         pytest.param(["--set", "data.partition=foo"], ["data.partition", "iid", "dirichlet", "natural"], id="bad-choice"),
         pytest.param(["--set", "strategy.name=nope"], ["strategy.name", "nope", "fedit"], id="unknown-strategy"),
         pytest.param(["--config", "missing.toml"], ["--config", "missing.toml", "no such file"], id="missing-config"),
+        # Settings a DP claim cannot honour (config-level: caught before any model loads).
+        pytest.param(["--set", "dp.mode=sample", "--set", "dp.delta=0"], ["dp.delta", "(0, 1 / records)"],
+                     id="dp-missing-delta"),
+        pytest.param(["--set", "dp.mode=sample", "--set", "train.batch_sampling=shuffle"],
+                     ["train.batch_sampling", "Poisson", "'poisson' or 'auto'"], id="dp-non-poisson-batches"),
+        pytest.param(["--set", "dp.mode=sample", "--set", "dp.noise_multiplier=0"], ["dp.noise_multiplier", "target_epsilon"],
+                     id="dp-no-noise"),
+        pytest.param(["--set", "dp.mode=client", "--set", "strategy.name=fedex-lora"],
+                     ["dp.mode = 'client'", "fedex-lora", "residual", "fedit, ffa-lora"], id="dp-client-unsafe-rule"),
+        pytest.param(["--set", "dp.mode=client", "--set", "dp.accountant=prv"], ["dp.accountant", "'rdp'"],
+                     id="dp-client-accountant"),
+        pytest.param(["--set", "dp.mode=nope"], ["dp.mode", "sample", "client"], id="dp-bad-mode"),
     ],
 )
 def test_run_rejects_bad_config(tmp_path, args, named):
@@ -69,6 +81,27 @@ def test_run_rejects_bad_config(tmp_path, args, named):
     assert_user_error(proc, *named)
     assert not out.exists(), "the run folder was created before failing"
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        # Needs the shard sizes: caught after the data loads, before the run folder exists.
+        pytest.param(["--set", "dp.mode=sample", "--set", "dp.delta=0.5"], ["dp.delta", "too large for 4 records", "< 1/n"],
+                     id="dp-delta-over-1-over-n"),
+        pytest.param(["--set", "dp.mode=client", "--set", "dp.clipping=adaptive", "--set", "dp.delta=0.1",
+                      "--set", "federation.num_clients=2"],
+                     ["dp.clipped_count_stddev", "sigma / 2"], id="dp-adaptive-count-noise"),
+        # Embeddings never train in fedpeft (so DP-SGD never needs their per-sample gradients).
+        pytest.param(["--set", "dp.mode=sample", "--set", "peft.target_modules=[\"word_embeddings\", \"query\"]"],
+                     ["peft.target_modules", "word_embeddings", "Linear layers only"], id="embedding-targets"),
+    ],
+)
+def test_run_rejects_dp_settings_it_cannot_honour(tmp_path, args, named):
+    out = tmp_path / "out"
+    proc = fedpeft("run", *TINY, *args, "--out", str(out), cwd=tmp_path)
+    assert_user_error(proc, *named)
+    assert not out.exists(), "the run folder was created before failing"
 
 
 def test_run_rejects_busy_out_folder(tmp_path):

@@ -44,6 +44,15 @@ def attach_lora(model, task: str, r: int, alpha: float, target_modules, dropout:
             peft_model = get_peft_model(model, config)
         except ValueError as exc:  # peft: "Target modules ... not found in the base model"
             raise ConfigError(f"peft.target_modules = {list(target_modules)!r}: {exc}") from None
+    embedded = sorted({n.split(".lora_embedding_")[0].removeprefix(PREFIX) for n, _ in peft_model.named_parameters()
+                       if ".lora_embedding_" in n})
+    if embedded:
+        # peft's embedding LoRA has other factor shapes (and, under DP, per-sample
+        # gradients of a shared lookup): the strategies' A/B arrays cover Linear layers.
+        raise ConfigError(
+            f"peft.target_modules = {list(target_modules)!r} adapts the embedding layer {embedded[0]}; "
+            "fedpeft's LoRA adapters cover Linear layers only (e.g. query, key, value, dense)"
+        )
     assert_only_adapter_trainable(peft_model)
     return peft_model
 

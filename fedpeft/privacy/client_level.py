@@ -93,13 +93,20 @@ def calibrate_client_noise(target_epsilon: float, delta: float, num_clients: int
 
 
 class _NoisePrivateArraysOnly:
-    """Mixin over a Flower DP wrapper: noise on ``private_keys`` only, from a seeded generator,
-    scaled to the clipping norm the round's updates were clipped with.
+    """Mixin over a Flower DP wrapper: noise on ``private_keys`` only, from a seeded
+    generator, scaled to the clipping norm the round's updates were clipped with.
 
-    Flower's adaptive wrappers update the norm (``_geometric_update``) between
-    clipping and noising, and then scale the noise to the *new* norm: when the
-    norm shrinks, that is less noise than the clipped updates need. Here the
-    norm used for clipping is kept and the noise follows it.
+    Two fixes to Flower 1.41's adaptive wrappers (Andrew et al. 2021):
+
+    * they update the norm between clipping and noising, then scale the noise
+      to the *new* norm: when the norm shrinks, that is less noise than the
+      clipped updates need. Here the noise follows the norm used for clipping.
+    * they feed the fraction of *clipped* updates into Andrew et al.'s rule
+      ``C <- C exp(-lr (b - gamma))``, whose ``b`` is the fraction *unclipped*;
+      with the sign flipped the norm runs away from the target quantile
+      (mostly clipped -> smaller norm -> more clipped). Here ``b`` is the
+      unclipped fraction, so ``C`` tracks the ``target_clipped_quantile``
+      quantile of the update norms.
     """
 
     private_keys: frozenset[str] = frozenset()
@@ -107,7 +114,8 @@ class _NoisePrivateArraysOnly:
 
     def _geometric_update(self, clipped_fraction: float) -> None:
         self.round_clipping_norm = self.clipping_norm
-        super()._geometric_update(clipped_fraction)
+        unclipped = 1.0 - clipped_fraction
+        self.clipping_norm *= math.exp(-self.clip_norm_lr * (unclipped - self.target_clipped_quantile))
 
     def _noisy_fraction(self, count: int, total: int) -> float:
         return float(self.noise_rng.normal(count, self.clipped_count_stddev)) / float(total)
