@@ -10,6 +10,7 @@ sampled-without-replacement Gaussian's.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -72,6 +73,9 @@ def test_sample_level_epsilon_matches_an_independent_accountant(sample_run):
     # Per round: the largest epsilon so far, never decreasing, ending at the summary's.
     eps = [m["epsilon"] for m in metrics]
     assert eps[0] == 0.0 and eps == sorted(eps) and eps[-1] == pytest.approx(dp["epsilon"])
+    report = (Path(summary["run_dir"]) / "report.md").read_text()
+    assert "## Differential privacy" in report and f"| {dp['epsilon']:.3f} |" in report
+    assert (Path(summary["run_dir"]) / "plots" / "epsilon.png").is_file()
 
 
 def test_sample_level_dp_changes_training_and_keeps_the_payload(sample_run, tmp_path):

@@ -125,9 +125,10 @@ def _settings(summary: Mapping[str, Any]) -> str:
             sentences.append("DP: none.")
     else:
         dp = [unit]
+        block = summary.get("dp") or {}
         for key, label in (("noise_multiplier", "noise multiplier"), ("max_grad_norm", "clipping norm"),
                            ("target_epsilon", "target ε")):
-            value = config_value(summary, f"dp.{key}")
+            value = block.get(key, config_value(summary, f"dp.{key}"))
             if value:
                 dp.append(f"{label} {_fmt_number(value)}")
         sentences.append(f"DP: {', '.join(dp)}.")
@@ -243,6 +244,38 @@ def _rounds(metrics: Metrics) -> list[str]:
     return _table([title for title, _ in columns], rows, align)
 
 
+def _privacy_section(dp: Mapping[str, Any] | None) -> list[str]:
+    """The ``dp`` block of the summary as a table: every number with its unit, accountant and delta."""
+    if not dp:
+        return []
+    unit = "one training example" if dp.get("unit") == "sample" else "one client (all its data)"
+    rows = [
+        ["Protected unit", f"{unit}; neighbouring datasets: {dp.get('relation', MISSING)}"],
+        ["Mechanism", dp.get("mechanism", MISSING)],
+        ["Accountant", dp.get("accountant", MISSING)],
+        ["δ", f"{dp['delta']:g}"],
+        ["Noise multiplier σ" + (" (calibrated)" if dp.get("target_epsilon") else ""), f"{dp['noise_multiplier']:.4g}"],
+        ["Clipping norm C", f"{dp['max_grad_norm']:g}"],
+        ["Sampling", f"{dp.get('sampling', MISSING)}, rate {dp['sample_rate']:.4g}"],
+        ["Steps" if dp.get("unit") == "sample" else "Rounds", f"{dp['steps']}"],
+        ["ε (largest over clients)", f"{dp['epsilon']:.3f}"],
+    ]
+    if dp.get("target_epsilon"):
+        rows.append(["Target ε", f"{dp['target_epsilon']:g}"])
+    if dp.get("noised_arrays"):
+        rows.append(["Noised arrays", f"{len(dp['noised_arrays'])} (the ones clients train and upload)"])
+    lines = ["## Differential privacy", ""] + _table(["", "Value"], rows, ["---", "---"]) + [""]
+    per_client = dp.get("epsilon_per_client") or {}
+    if dp.get("unit") == "sample" and per_client:
+        steps = dp.get("steps_per_client", {})
+        rates = dp.get("sample_rate_per_client", {})
+        lines += ["Each client's own accountant (it only spends when it trains):", ""]
+        lines += _table(["Client", "DP-SGD steps", "q", "ε"],
+                        [[c, steps.get(c, MISSING), f"{rates[c]:.4g}" if c in rates else MISSING, f"{e:.3f}"]
+                         for c, e in per_client.items()], ["--:", "--:", "--:", "--:"]) + [""]
+    return lines
+
+
 def write_report(run_dir: str | Path, summary: Mapping[str, Any], metrics: Metrics) -> Path:
     """Write ``run_dir/report.md``.
 
@@ -274,6 +307,7 @@ def write_report(run_dir: str | Path, summary: Mapping[str, Any], metrics: Metri
     if results:
         lines += _table(["", "Value"], results, ["---", "---"]) + [""]
     lines += [f"**Privacy:** {privacy_line(summary)}", ""]
+    lines += _privacy_section(summary.get("dp"))
 
     if metrics:
         lines += ["## Rounds", "", "Round 0 is the evaluation before training.", ""]
