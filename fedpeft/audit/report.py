@@ -24,26 +24,57 @@ def _ci(d: dict) -> str:
     return f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
 
 
+def _recall(e: dict) -> dict | None:
+    m = e.get("attacks", {}).get("lora-span", {}).get("metrics", {}).get("token recall")
+    return None if m is None else m["attack"]
+
+
 def findings(result: dict[str, Any]) -> list[str]:
-    """One line per study, comparing the span attack's recall with the main experiment."""
-    key = ("lora-span", "token recall")
-    by_name = {e["name"]: e for e in result["experiments"] if "attacks" in e}
-
-    def recall(e):
-        m = e["attacks"].get(key[0], {}).get("metrics", {}).get(key[1])
-        return None if m is None else m["attack"]
-
-    main = by_name.get("main")
-    base = recall(main) if main else None
+    """One line per study: the span attack's token recall along the varied setting, from the positive control on."""
+    exps = result["experiments"]
+    control = next((e for e in exps if e["name"] == "positive control"), None)
     lines = []
-    for name, e in by_name.items():
-        if name == "main":
-            continue
-        r = recall(e)
-        if r is None or base is None:
-            continue
-        lines.append(f"- **{e['description']}**: span-attack token recall {_ci(r)} (main: {_ci(base)}).")
+    if control is not None and _recall(control) is not None:
+        lines.append(f"- **positive control** ({control['description']}): span-attack token recall {_ci(_recall(control))}.")
+    studies: dict[str, list[dict]] = {}
+    for e in exps:
+        if e.get("study"):
+            studies.setdefault(e["study"], []).append(e)
+    for study, group in studies.items():
+        parts = []
+        for e in group:
+            if "skipped" in e:
+                parts.append(f"{e['name']}: skipped ({e['skipped']})")
+            elif _recall(e) is not None:
+                parts.append(f"{e['name']}: {_ci(_recall(e))}")
+        if parts:
+            lines.append(f"- **{study}** (span-attack token recall): " + "; ".join(parts) + ".")
+    main = next((e for e in exps if e["name"] == "main" and "attacks" in e), None)
+    if main is not None and _recall(main) is not None:
+        lines.append(f"- **main** ({main['description']}): span-attack token recall {_ci(_recall(main))}.")
     return lines
+
+
+def _eps(x: float) -> str:
+    return "inf (no noise)" if math.isinf(x) else f"{x:.3g}"
+
+
+def empirical_section(emp: dict[str, Any]) -> list[str]:
+    """The canary audit: the empirical lower bound beside the accountant's epsilon."""
+    verdict = ("**violation: the lower bound exceeds the accountant's epsilon, a DP bug**"
+               if emp["epsilon_lower"] > emp["epsilon_accountant"] else "consistent (lower bound <= accountant)")
+    return [
+        "## Empirical privacy (canary audit)", "",
+        f"{emp['unit']}-level, {emp['details']}; sigma = {emp['noise_multiplier']:.4g}, C = {emp['clipping_norm']:g}, "
+        f"{emp['trials']} trials with the canary and {emp['trials']} without (half choose the threshold, half measure).", "",
+        "| unit | empirical epsilon lower bound | accountant epsilon | delta | confidence | FP / FN (held-out half) |",
+        "|---|---|---|---|---|---|",
+        f"| {emp['unit']} | {emp['epsilon_lower']:.3f} | {_eps(emp['epsilon_accountant'])} ({emp['accountant']}) | {emp['delta']:g} | "
+        f"{emp['confidence']:g} | {emp['false_pos']} / {emp['false_neg']} |", "",
+        f"Verdict: {verdict}. The lower bound is Clopper-Pearson on the canary test's FPR and FNR; "
+        f"with {emp['trials'] - emp['trials'] // 2} held-out trials per side it cannot exceed "
+        f"{emp['max_lower']:.2f} however weak the protection (more trials: `audit.canary_trials`).", "",
+    ]
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -51,11 +82,12 @@ def render_markdown(result: dict[str, Any]) -> str:
     out = ["# Privacy audit", "", "## Threat model", "", result["threat_model"], "", "## Settings", ""]
     out += [
         f"- model `{s['model']}`, LoRA rank {s['rank']}, strategy `{s['strategy']}`, DP `{s['dp']}`",
-        f"- round {s['round']} ({s['regime']}), learning rate {s['lr']}, victims per experiment {s['victims']}",
+        f"- round {s['round']} ({s['regime']}), learning rate {s['lr']}, victims {s['victims']} (main, positive control), {s.get('study_victims', s['victims'])} per study",
         f"- attacks: {', '.join(s['attacks'])}",
         f"- victims' data: {s['victim_texts'] or 'unseen sentences of the test split'}"
         + (f", at most {s['max_victim_tokens']} tokens" if s["max_victim_tokens"] else ""),
         f"- wall time {result['wall_s']:.0f} s",
+        *([f"- DP: {s['dp_note']}"] if s.get("dp_note") else []),
         "",
         "Every number is a mean over victims with a bootstrap 95% interval. The baseline is what the server "
         "guesses from its public prior alone: the majority label (label counts from the label prior for batches), "
@@ -69,6 +101,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         if "skipped" in e:
             out += [f"Skipped: {e['skipped']}.", ""]
             continue
+        out += [f"{e['victims']} victims." + (f" DP: {e['dp']['describe']}." if e.get("dp") else ""), ""]
         for attack, tab in e["attacks"].items():
             if "skipped" in tab:
                 out += [f"**{attack}**: not applicable ({tab['skipped']}).", ""]
@@ -88,6 +121,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = findings(result)
     if lines:
         out += ["## Findings", ""] + lines + [""]
+    if result.get("empirical"):
+        out += empirical_section(result["empirical"])
     return "\n".join(out)
 
 

@@ -1,11 +1,14 @@
 """Run an audit: victims, their payloads, every attack, scores with baselines and intervals.
 
 An *experiment* fixes the victim's training (batch size, local steps,
-optimiser, dropout) and plays ``audit.victims`` victims through it; the main
-experiment uses the config as given and the studies vary one thing each
-(batch size, training-mode dropout, several local steps). Every attack metric
-is paired with a prior-only baseline, i.e. what the server would guess from
-its public prior without looking at the payload.
+optimiser, dropout, sentence lengths) and plays its victims through it: the
+main experiment uses the config as given, the positive control the setting
+where the exact span test must succeed, and the studies vary one thing each
+away from the control (batch size, sentence length beyond the rank,
+training-mode dropout, several local steps). Every attack metric is paired
+with a prior-only baseline, i.e. what the server would guess from its public
+prior without looking at the payload. With ``dp.mode = "sample"`` every
+victim is a DP-SGD client (:mod:`fedpeft.audit.dp`).
 """
 
 from __future__ import annotations
@@ -35,18 +38,25 @@ THREAT_MODEL = (
     "prior (the training split's token and label frequencies); it does not see the client's data."
 )
 
-# Study grid: small enough that the default audit runs in minutes on 2 cores.
+# Study grid: small enough that the default audit runs in a few minutes on 2 cores.
 STUDY_BATCH_SIZES = (2, 4, 8)
 STUDY_DROPOUT = 0.1
 STUDY_STEPS = 5
 LENGTH_BUCKETS = (8, 16, 24, 32, 48, 512)
+SPAN_RECALL = ("lora-span", "token recall")
 
 Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """One victim setting: how the victim trains and what it is called in the report."""
+    """One victim setting: how the victim trains, which sentences it holds, what it is called in the report.
+
+    ``study`` groups the experiments that vary one thing away from the
+    positive control; within a group with ``monotone`` set they are ordered
+    from easy to hard, so once the span attack recovers nothing the harder
+    ones are skipped as saturated.
+    """
 
     name: str
     description: str
@@ -55,6 +65,10 @@ class Experiment:
     optimizer: str
     dropout: float
     max_tokens: int = 0  # victims' sentences of at most this many tokens (0 = audit.max_victim_tokens)
+    min_tokens: int = 0  # ... and of at least this many
+    victims: int = 20
+    study: str = ""
+    monotone: bool = False
 
 
 @dataclass
@@ -70,28 +84,54 @@ class Prior:
         return {"token_ranking": self.token_ranking, "label_freq": self.label_freq, "mean_prediction": self.mean_prediction}
 
 
+def rank_limit(cfg: Config, s: AuditSettings) -> int:
+    """Longest sentence (specials included) the exact span test recovers at batch 1.
+
+    Fewer tokens than the rank at B = 0 (a span of rank r rules nothing
+    out), at most the rank once B != 0.
+    """
+    return cfg.peft.r - 1 if s.round == 1 else cfg.peft.r
+
+
 def experiments(cfg: Config, s: AuditSettings) -> list[Experiment]:
-    """The main experiment, then (with ``audit.studies``) one study per varied setting."""
-    main = Experiment("main", "the config as given", s.batch_size, s.local_steps, s.optimizer, cfg.model.dropout)
+    """The main experiment, the positive control, then (with ``audit.studies``) the studies.
+
+    The main experiment and the positive control get ``audit.victims``
+    victims each. Every study starts from the positive control (batch 1,
+    sentences within the rank, dropout off, one step), where the span attack
+    succeeds, and varies one thing with ``audit.study_victims`` victims, so
+    the report shows how recovery degrades: with batch size, with sentence
+    length beyond the rank, with training-mode dropout, with local steps.
+    (Varied from the main setting instead, most studies would only confirm a
+    recall that is already 0.)
+    """
+    main = Experiment("main", "the config as given", s.batch_size, s.local_steps, s.optimizer, cfg.model.dropout,
+                      victims=s.victims)
     out = [main]
     if not s.studies:
         return out
+    short = rank_limit(cfg, s)
+    control = replace(main, name="positive control", batch_size=1, local_steps=1, optimizer="sgd", dropout=0.0, max_tokens=short,
+                      description=f"positive control: batch 1, one step, dropout off, sentences of at most {short} tokens "
+                                  "(specials included)")
+    same = (main.batch_size, main.local_steps, main.dropout) == (1, 1, 0.0) and 0 < s.max_victim_tokens <= short
+    if not same:
+        out.append(control)
+    study = replace(control, victims=s.study_victims)
     for b in STUDY_BATCH_SIZES:
-        if b != s.batch_size:
-            out.append(replace(main, name=f"batch {b}", description=f"batch size {b}", batch_size=b))
-    # The positive control: sentences short enough for an exact span test
-    # (fewer tokens than the rank at B = 0, at most the rank once B != 0).
-    short = cfg.peft.r - 1 if s.round == 1 else cfg.peft.r
-    if not s.max_victim_tokens or s.max_victim_tokens > short:
-        out.append(replace(main, name=f"<= {short} tokens, no dropout",
-                           description=f"positive control: sentences of at most {short} tokens (specials included), dropout off",
-                           max_tokens=short, dropout=0.0))
-    other = STUDY_DROPOUT if cfg.model.dropout == 0 else 0.0
-    out.append(replace(main, name=f"dropout {other:g}", description=f"base-model dropout {other:g} in training mode", dropout=other))
+        out.append(replace(study, name=f"batch {b}", study="batch size", monotone=True, batch_size=b,
+                           description=f"the positive control with batch {b} ({b} sentences of at most {short} tokens)"))
+    r, longest = cfg.peft.r, cfg.model.max_length
+    for lo, hi in ((short + 1, r + 3), (r + 4, 2 * r), (2 * r + 1, longest)):
+        if lo <= min(hi, longest):
+            hi = min(hi, longest)
+            out.append(replace(study, name=f"{lo}-{hi} tokens", study="sentence length", monotone=True, min_tokens=lo, max_tokens=hi,
+                               description=f"the positive control with sentences of {lo}-{hi} tokens (rank {r})"))
+    out.append(replace(study, name=f"dropout {STUDY_DROPOUT:g}", study="dropout", dropout=STUDY_DROPOUT,
+                       description=f"the positive control with base-model dropout {STUDY_DROPOUT:g} in training mode"))
     for opt in ("sgd", "adamw"):
-        if (s.local_steps, s.optimizer) != (STUDY_STEPS, opt):
-            out.append(replace(main, name=f"{STUDY_STEPS} steps {opt}", description=f"{STUDY_STEPS} local {opt} steps; the update read as a scaled gradient",
-                               local_steps=STUDY_STEPS, optimizer=opt))
+        out.append(replace(study, name=f"{STUDY_STEPS} steps {opt}", study="local steps", local_steps=STUDY_STEPS, optimizer=opt,
+                           description=f"the positive control with {STUDY_STEPS} local {opt} steps; the update read as a scaled gradient"))
     return out
 
 
@@ -234,24 +274,30 @@ def marked_text(truth: Truth, result: AttackResult, tokenizer, special: set[int]
     return " ".join(words)
 
 
-def run_audit(cfg: Config, s: AuditSettings, progress: Progress | None = None, upload: UploadFn = honest_upload) -> dict[str, Any]:
+def run_audit(cfg: Config, s: AuditSettings, progress: Progress | None = None, upload: UploadFn | None = None) -> dict[str, Any]:
     """Run every experiment and return the audit as a JSON-ready dict.
 
     Parameters
     ----------
     cfg : Config
-        The run config (model, adapter, strategy, ``train.lr``).
+        The run config (model, adapter, strategy, ``train.lr``, ``dp``).
     s : AuditSettings
         The parsed ``[audit]`` table.
     progress : callable, optional
         ``progress(description, done, total)`` after every victim.
-    upload : UploadFn
-        How a victim computes its upload (a DP client plugs in here).
+    upload : UploadFn, optional
+        How a victim computes its upload. By default it follows ``cfg.dp``:
+        a DP-SGD client with ``dp.mode = "sample"`` (its epsilon is reported
+        with each experiment), an honest client otherwise.
     """
+    from fedpeft.audit.dp import dp_upload, victim_dp
     from fedpeft.runtime import runtime
 
     t0 = time.perf_counter()
     attacks: list[Attack] = [get_attack(n)(**s.params.get(n, {})) for n in s.attacks]
+    exps = experiments(cfg, s)
+    # Calibrate before loading anything: a bad dp.* value fails in a second.
+    dps = {e.name: victim_dp(cfg.dp, e.local_steps, e.batch_size) for e in exps} if upload is None else {}
     rt = runtime(cfg)
     split, _ = rt.splits
     tok = rt.model.tokenizer
@@ -261,74 +307,135 @@ def run_audit(cfg: Config, s: AuditSettings, progress: Progress | None = None, u
     sent = global_state(rt, s, public)
     prior = build_prior(rt, sent, public, special)
     ids, labels, texts = victim_pool(rt, s)
-    exps = experiments(cfg, s)
     if len(ids) < s.victims * s.batch_size:
         src = f"audit.victim_texts = {s.victim_texts!r}" if s.victim_texts else "the test split"
         raise ConfigError(f"audit.victims = {s.victims} x audit.batch_size = {s.batch_size} needs {s.victims * s.batch_size} sentences; "
                           f"{src} has {len(ids)} that fit (audit.max_victim_tokens = {s.max_victim_tokens})")
     order = rng.permutation(len(ids))
     lengths = np.array([len(x) for x in ids])
-    total = sum(s.victims for _ in exps)
+    total = sum(e.victims for e in exps)
     done = 0
     out_exps = []
+    saturated: dict[str, str] = {}  # study -> the experiment at which span recall reached 0
     for exp in exps:
-        per_attack: dict[str, dict[str, list[tuple[float, float]]]] = {a.name: {} for a in attacks}
-        skipped: dict[str, str] = {}
-        seconds: dict[str, float] = {a.name: 0.0 for a in attacks}
-        rows = []
-        examples = []
-        pool = order[lengths[order] <= exp.max_tokens] if exp.max_tokens else order
-        if len(pool) == 0:
-            out_exps.append({**asdict(exp), "victims": 0, "skipped": f"no victim sentence has at most {exp.max_tokens} tokens"})
-            done += s.victims
+        pool = order[(lengths[order] >= exp.min_tokens) & ((lengths[order] <= exp.max_tokens) if exp.max_tokens else True)]
+        reason = ""
+        if exp.study in saturated:
+            reason = f"saturated: the span attack already recovers nothing at {saturated[exp.study]}"
+        elif len(pool) == 0:
+            reason = f"no victim sentence has {exp.min_tokens or 1}-{exp.max_tokens or 'any'} tokens"
+        if reason:
+            out_exps.append({**asdict(exp), "victims": 0, "skipped": reason})
+            done += exp.victims
             continue
-        for v in range(s.victims):
-            # Victims wrap around the pool when a study's batches need more rows than it has.
-            pick = [pool[(v * exp.batch_size + j) % len(pool)] for j in range(exp.batch_size)]
-            truth = Truth(ids=[ids[i] for i in pick], labels=labels[pick], texts=[texts[i] for i in pick])
-            obs = observe(rt.model, rt.strategy, sent, truth, lr=cfg.train.lr, local_steps=exp.local_steps, optimizer=exp.optimizer,
-                          seed=cfg.federation.seed + v, num_labels=rt.data.num_labels, dropout=exp.dropout, upload=upload)
-            obs.extra["max_length"] = cfg.model.max_length
-            row = {"victim": v, "tokens": int(sum(len(x) for x in truth.ids)), "metrics": {}}
-            for attack in attacks:
-                reason = attack.applicable(obs)
-                if reason:
-                    skipped[attack.name] = reason
-                    continue
-                t = time.perf_counter()
-                result = attack.run(obs, prior.for_attacks())
-                seconds[attack.name] += time.perf_counter() - t
-                for metric, pair in score(result, truth, prior, tok, special).items():
-                    per_attack[attack.name].setdefault(metric, []).append(pair)
-                    row["metrics"][f"{attack.name}: {metric}"] = pair[0]
-                if "tokens" in result.reconstruction and len(examples) < 5:
-                    examples.append({"victim": v, "text": " / ".join(truth.texts), "marked": marked_text(truth, result, tok, special),
-                                     "recovered": tok.decode([t for t in result.reconstruction["tokens"] if t not in special])})
-            rows.append(row)
-            done += 1
-            if progress:
-                progress(f"{exp.name}: victim {v + 1}/{s.victims}", done, total)
-        table = {}
-        for name, metrics in per_attack.items():
-            if name in skipped and not metrics:
-                table[name] = {"skipped": skipped[name]}
-                continue
-            table[name] = {
-                "seconds_per_victim": seconds[name] / s.victims,
-                "metrics": {m: {"attack": bootstrap_ci([p[0] for p in pairs], seed=cfg.federation.seed).to_dict(),
-                                "baseline": bootstrap_ci([p[1] for p in pairs], seed=cfg.federation.seed).to_dict()}
-                            for m, pairs in metrics.items()},
-            }
-        out_exps.append({**asdict(exp), "victims": s.victims, "attacks": table, "by_length": by_length(rows),
-                         "victim_rows": rows, "examples": examples})
+        vdp = dps.get(exp.name)
+        exp_upload = upload or (dp_upload(vdp.mechanism, cfg.train.weight_decay) if vdp else honest_upload)
+        result = run_experiment(exp, rt, sent, prior, attacks, (ids, labels, texts), pool, exp_upload, cfg,
+                                lambda v: progress and progress(f"{exp.name}: victim {v + 1}/{exp.victims}", done + v + 1, total))
+        done += exp.victims
+        result["dp"] = vdp.to_dict() if vdp else None
+        out_exps.append(result)
+        recall = result["attacks"].get(SPAN_RECALL[0], {}).get("metrics", {}).get(SPAN_RECALL[1])
+        if exp.monotone and recall is not None and recall["attack"]["mean"] == 0.0:
+            saturated[exp.study] = exp.name
+    if s.empirical:
+        if progress:
+            progress("canary audit (empirical epsilon)", done, total)
+        empirical = empirical_privacy(cfg, s, dps.get(exps[0].name)).to_dict()
+    else:
+        empirical = None
     return {
         "threat_model": THREAT_MODEL,
         "settings": {**asdict(s), "round": s.round, "lr": cfg.train.lr, "rank": cfg.peft.r, "model": cfg.model.name,
-                     "strategy": cfg.strategy_name, "dp": cfg.dp.mode, "regime": "B = 0 (fresh round)" if s.round == 1 else "B != 0"},
+                     "strategy": cfg.strategy_name, "dp": cfg.dp.mode, "regime": "B = 0 (fresh round)" if s.round == 1 else "B != 0",
+                     "dp_note": DP_NOTES.get(cfg.dp.mode, "")},
         "experiments": out_exps,
+        "empirical": empirical,
         "wall_s": time.perf_counter() - t0,
         "config": cfg.to_dict(),
     }
+
+
+DP_NOTES = {
+    "sample": "each victim runs DP-SGD on its batch (its whole shard, so q = 1) and uploads the clipped, noised result; "
+              "the epsilon beside each experiment is the accountant's for that one observed round",
+    "client": "client-level DP adds its noise to the aggregate on the server: a curious server sees each upload "
+              "before the noise, so the victims' uploads are not noised here (only the released model is protected)",
+}
+
+
+def empirical_privacy(cfg: Config, s: AuditSettings, main_dp):
+    """The canary audit of the configured mechanism (:mod:`fedpeft.audit.empirical`).
+
+    Sample level: the main experiment's DP-SGD (sigma, C, steps). Client
+    level: one round of the run's central DP (sigma calibrated for the run,
+    fixed clipping at ``dp.max_grad_norm``). Without DP: the victim's
+    clipping with no noise, which shows what the canary test reaches when
+    nothing protects the sample.
+    """
+    from fedpeft.audit.empirical import client_level_audit, sample_level_audit
+
+    dp, fed = cfg.dp, cfg.federation
+    common = dict(trials=s.canary_trials, delta=dp.delta, confidence=s.confidence, seed=fed.seed)
+    if dp.mode == "client":
+        from fedpeft.privacy.client_level import calibrate_client_noise
+
+        m = cfg.clients_per_round
+        sigma = (calibrate_client_noise(dp.target_epsilon, dp.delta, fed.num_clients, m, fed.num_rounds)
+                 if dp.target_epsilon else dp.noise_multiplier)
+        return client_level_audit(sigma, dp.max_grad_norm, num_clients=fed.num_clients, clients_per_round=m, **common)
+    if main_dp is not None:
+        return sample_level_audit(main_dp.noise_multiplier, main_dp.max_grad_norm, steps=main_dp.steps,
+                                  accountant=main_dp.accountant, **common)
+    return sample_level_audit(0.0, dp.max_grad_norm or 1.0, steps=s.local_steps, accountant=dp.accountant, **common)
+
+
+def run_experiment(exp: Experiment, rt, sent, prior: Prior, attacks: list[Attack], data, pool: np.ndarray,
+                   upload: UploadFn, cfg: Config, on_victim: Callable[[int], Any]) -> dict[str, Any]:
+    """Play ``exp.victims`` victims drawn from ``pool`` through every attack; scores with intervals."""
+    ids, labels, texts = data
+    tok = rt.model.tokenizer
+    special = set(tok.all_special_ids)
+    per_attack: dict[str, dict[str, list[tuple[float, float]]]] = {a.name: {} for a in attacks}
+    skipped: dict[str, str] = {}
+    seconds: dict[str, float] = {a.name: 0.0 for a in attacks}
+    rows, examples = [], []
+    for v in range(exp.victims):
+        # Victims wrap around the pool when a study's batches need more rows than it has.
+        pick = [pool[(v * exp.batch_size + j) % len(pool)] for j in range(exp.batch_size)]
+        truth = Truth(ids=[ids[i] for i in pick], labels=labels[pick], texts=[texts[i] for i in pick])
+        obs = observe(rt.model, rt.strategy, sent, truth, lr=cfg.train.lr, local_steps=exp.local_steps, optimizer=exp.optimizer,
+                      seed=cfg.federation.seed + v, num_labels=rt.data.num_labels, dropout=exp.dropout, upload=upload)
+        obs.extra["max_length"] = cfg.model.max_length
+        row = {"victim": v, "tokens": int(sum(len(x) for x in truth.ids)), "metrics": {}}
+        for attack in attacks:
+            reason = attack.applicable(obs)
+            if reason:
+                skipped[attack.name] = reason
+                continue
+            t = time.perf_counter()
+            result = attack.run(obs, prior.for_attacks())
+            seconds[attack.name] += time.perf_counter() - t
+            for metric, pair in score(result, truth, prior, tok, special).items():
+                per_attack[attack.name].setdefault(metric, []).append(pair)
+                row["metrics"][f"{attack.name}: {metric}"] = pair[0]
+            if "tokens" in result.reconstruction and len(examples) < 5:
+                examples.append({"victim": v, "text": " / ".join(truth.texts), "marked": marked_text(truth, result, tok, special),
+                                 "recovered": tok.decode([t for t in result.reconstruction["tokens"] if t not in special])})
+        rows.append(row)
+        on_victim(v)
+    table = {}
+    for name, metrics in per_attack.items():
+        if name in skipped and not metrics:
+            table[name] = {"skipped": skipped[name]}
+            continue
+        table[name] = {
+            "seconds_per_victim": seconds[name] / exp.victims,
+            "metrics": {m: {"attack": bootstrap_ci([p[0] for p in pairs], seed=cfg.federation.seed).to_dict(),
+                            "baseline": bootstrap_ci([p[1] for p in pairs], seed=cfg.federation.seed).to_dict()}
+                        for m, pairs in metrics.items()},
+        }
+    return {**asdict(exp), "attacks": table, "by_length": by_length(rows), "victim_rows": rows, "examples": examples}
 
 
 def by_length(rows: list[dict]) -> list[dict]:

@@ -45,7 +45,18 @@ class AuditSettings:
         Only use victim sentences of at most this many tokens, specials included
         (0 = any length up to ``model.max_length``).
     studies : bool
-        Also run the studies: recovery vs batch size, dropout, local steps.
+        Also run the positive control and the studies that vary it: recovery
+        vs batch size, sentence length beyond the rank, dropout, local steps.
+    study_victims : int
+        Victims per study experiment (the main experiment and the positive
+        control get ``victims``).
+    empirical : bool
+        Also run the canary audit: an empirical epsilon lower bound of the
+        configured DP mechanism beside the accountant's epsilon.
+    canary_trials : int
+        Canary audit trials with the canary, and as many without.
+    confidence : float
+        Confidence of the empirical lower bound (Clopper-Pearson).
     prior_examples : int
         Public training rows the server uses as its prior (token and label
         frequencies, mean features).
@@ -62,11 +73,15 @@ class AuditSettings:
     victim_texts: str = ""
     max_victim_tokens: int = 0
     studies: bool = True
+    study_victims: int = 8
     prior_examples: int = 2000
+    empirical: bool = True
+    canary_trials: int = 1000
+    confidence: float = 0.95
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-_INTS = {"victims": 1, "batch_size": 1, "round": 1, "local_steps": 1, "max_victim_tokens": 0, "prior_examples": 10}
+_INTS = {"victims": 1, "batch_size": 1, "round": 1, "local_steps": 1, "max_victim_tokens": 0, "prior_examples": 10, "study_victims": 1, "canary_trials": 10}
 
 
 def parse_settings(table: Mapping[str, Any]) -> AuditSettings:
@@ -110,7 +125,11 @@ def _check(key: str, value: Any) -> Any:
         if value not in OPTIMIZERS:
             raise ConfigError(f"{full} = {value!r} is not valid; choose one of: {', '.join(OPTIMIZERS)}")
         return value
-    if key == "studies":
+    if key == "confidence":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 <= value < 1.0:
+            raise ConfigError(f"{full} must be a number in [0.5, 1), e.g. 0.95, got {value!r}")
+        return float(value)
+    if key in ("studies", "empirical"):
         if not isinstance(value, bool):
             raise ConfigError(f"{full} must be true or false, got {value!r}")
         return value

@@ -1,0 +1,170 @@
+"""The audited victim under sample-level DP: the upload a DP-SGD client sends, and its epsilon.
+
+With ``dp.mode = "sample"`` a fedpeft client runs DP-SGD (opacus per-sample
+clipping at ``dp.max_grad_norm`` and Gaussian noise, through
+:mod:`fedpeft.privacy.dp_sgd`) and uploads the result. The audit's victim
+does the same on the data it holds: its shard is its audit batch, so every
+step samples each example with probability ``q = 1`` (Poisson, as the
+accountant assumes) and the release the server sees is ``local_steps``
+steps of the Gaussian mechanism without amplification. The epsilon reported
+beside the attack numbers is the accountant's for exactly that release.
+
+With ``dp.mode = "client"`` the noise is added by the server to the
+aggregate (central DP): a curious server sees each upload before noising,
+so the victim's upload is unchanged and the attacks are expected to work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.audit.observe import LocalResult, UploadFn
+from fedpeft.privacy.accounting import accountant_title, check_delta, compute_epsilon
+from fedpeft.privacy.calibration import calibrate_noise
+from fedpeft.privacy.dp_sgd import DPSGD, dp_optimizer, grad_sample_module, noise_only_step, per_sample_loss, poisson_batches
+
+# The victim's shard is its batch: every example takes part in every step.
+VICTIM_SAMPLE_RATE = 1.0
+
+
+@dataclass(frozen=True)
+class VictimDP:
+    """The DP-SGD mechanism of one audited victim and what its upload costs.
+
+    Attributes
+    ----------
+    noise_multiplier : float
+        Sigma (calibrated from ``dp.target_epsilon`` when that is set).
+    max_grad_norm : float
+        Per-example clipping norm C.
+    sample_rate : float
+        Poisson rate of each example per step (1: the victim's shard is its batch).
+    steps : int
+        DP-SGD steps in the observed round (``local_steps``).
+    delta : float
+        ``dp.delta``.
+    accountant : str
+        ``dp.accountant``.
+    target_epsilon : float or None
+        The calibration target, if any.
+    epsilon : float
+        The accountant's epsilon (sample unit) of the observed release.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+    target_epsilon: float | None
+    epsilon: float
+
+    @property
+    def mechanism(self) -> DPSGD:
+        return DPSGD(self.noise_multiplier, self.max_grad_norm, self.sample_rate)
+
+    def describe(self) -> str:
+        """One line for the report: unit, sigma, C, q, steps, accountant, delta, epsilon."""
+        target = f", calibrated for epsilon <= {self.target_epsilon:g}" if self.target_epsilon else ""
+        return (f"sample-level DP-SGD: sigma = {self.noise_multiplier:.4g}, C = {self.max_grad_norm:g}, "
+                f"q = {self.sample_rate:g}, {self.steps} step(s){target}; {accountant_title(self.accountant)} "
+                f"epsilon = {self.epsilon:.3g} at delta = {self.delta:g}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "unit": "sample", "describe": self.describe()}
+
+
+def victim_dp(dp_cfg, local_steps: int, batch_size: int) -> VictimDP | None:
+    """The victim's DP-SGD for ``cfg.dp`` (None unless ``dp.mode = "sample"``).
+
+    Raises
+    ------
+    fedpeft.errors.ConfigError
+        If ``dp.delta`` is not below 1 / the victim's examples, or the target
+        epsilon cannot be reached.
+    """
+    if dp_cfg.mode != "sample":
+        return None
+    delta = check_delta(dp_cfg.delta, batch_size)
+    target = dp_cfg.target_epsilon or None
+    q = VICTIM_SAMPLE_RATE
+    sigma = calibrate_noise(target, delta, q, local_steps, dp_cfg.accountant) if target else dp_cfg.noise_multiplier
+    eps = compute_epsilon(sigma, q, local_steps, delta, dp_cfg.accountant)
+    return VictimDP(float(sigma), float(dp_cfg.max_grad_norm), q, local_steps, delta, dp_cfg.accountant, target, float(eps))
+
+
+def dp_upload(mechanism: DPSGD, weight_decay: float = 0.0) -> UploadFn:
+    """An :data:`UploadFn` for a DP-SGD client with ``mechanism``.
+
+    One local step uploads the privatised gradient (clipped per example,
+    noised, divided by the expected batch size): DP-FedSGD. Several steps
+    upload the weights after them: with ``optimizer = "adamw"`` through
+    :func:`fedpeft.training.train_steps` exactly as a ``fedpeft run`` client,
+    with ``"sgd"`` through the same opacus pieces around plain SGD.
+    """
+
+    def upload(model, batch: dict[str, torch.Tensor], *, lr: float, local_steps: int, optimizer: str, seed: int) -> LocalResult:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        start = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            if local_steps > 1 and optimizer == "adamw":
+                from fedpeft.training import train_steps
+
+                split, indices = _as_split(batch)
+                train_steps(model, split, indices, task="classification", steps=local_steps, batch_size=len(indices), lr=lr,
+                            weight_decay=weight_decay, seed=seed, dp=mechanism)
+                return LocalResult(after={n: p.detach().numpy().copy() for n, p in params.items()}, gradients=None)
+            grads = _dp_sgd(model, params, batch, mechanism, lr=lr, steps=local_steps, seed=seed)
+            return LocalResult(after={n: p.detach().numpy().copy() for n, p in params.items()},
+                               gradients=grads if local_steps == 1 else None)
+        finally:
+            model.eval()
+            model.zero_grad(set_to_none=True)
+            with torch.no_grad():  # the server's copy goes back to the global state
+                for n, p in params.items():
+                    p.copy_(start[n])
+
+    return upload
+
+
+def _dp_sgd(model, params: dict, batch: dict[str, torch.Tensor], dp: DPSGD, *, lr: float, steps: int,
+            seed: int) -> dict[str, np.ndarray]:
+    """``steps`` DP-SGD steps with plain SGD (the loop of ``train_steps``); returns the first step's private gradient."""
+    n = len(batch["labels"])
+    schedule = poisson_batches(np.arange(n), steps, dp.sample_rate, np.random.default_rng(seed))
+    first: dict[str, np.ndarray] = {}
+    model.train()
+    with torch.random.fork_rng(devices=[]), grad_sample_module(model) as forward:
+        torch.manual_seed(seed)
+        opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), dp, dp.sample_rate * n,
+                           torch.Generator().manual_seed(seed))
+        for idx in schedule:
+            opt.zero_grad(set_to_none=True)
+            if len(idx) == 0:
+                noise_only_step(opt)
+            else:
+                sub = {k: v[torch.as_tensor(idx)] for k, v in batch.items()}
+                logits = forward(sub["input_ids"], sub["attention_mask"])
+                per_sample_loss(logits, sub, "classification").mean().backward()
+                opt.step()
+            if not first:
+                # After DPOptimizer.step, .grad holds the clipped, noised, averaged gradient.
+                first = {k: p.grad.detach().numpy().astype(np.float32).copy() for k, p in params.items()}
+    return first
+
+
+def _as_split(batch: dict[str, torch.Tensor]):
+    """The victim's padded batch back as an :class:`EncodedSplit` (for ``train_steps``)."""
+    from fedpeft.training import EncodedSplit
+
+    mask = batch["attention_mask"].bool()
+    ids = tuple(row[m].numpy().astype(np.int64) for row, m in zip(batch["input_ids"], mask))
+    pads = batch["input_ids"][~mask]
+    pad_id = int(pads[0]) if len(pads) else 0
+    split = EncodedSplit(ids=ids, labels=batch["labels"].numpy().astype(np.int64), pad_id=pad_id)
+    return split, np.arange(len(ids))
