@@ -1,0 +1,292 @@
+"""Empirical privacy: an epsilon lower bound from canary membership tests, beside the accountant's epsilon.
+
+(epsilon, delta)-DP bounds every membership test: with false-positive rate
+FPR and false-negative rate FNR,
+``epsilon >= max(ln((1 - delta - FNR) / FPR), ln((1 - delta - FPR) / FNR))``
+(Jagielski et al. 2020; Nasr et al. 2021). Plugging in Clopper-Pearson upper
+bounds of both rates, measured over many independent trials, gives a lower
+bound that holds with the stated confidence. It can never exceed the true
+epsilon, so a lower bound above the accountant's epsilon means a DP bug.
+
+Two audits, each of one release of fedpeft's own mechanism:
+
+* **sample level**: a canary example is inserted into or left out of a
+  victim's data (add/remove, as opacus's accountant assumes), the victim runs
+  DP-SGD through :func:`fedpeft.audit.dp.dp_upload` (opacus clipping and
+  noise via :mod:`fedpeft.privacy.dp_sgd`), and the score is the upload's
+  projection on the canary's gradient. The model is a cheap one (frozen
+  one-hot token features, a bias-free linear head) built so that the canary's
+  gradient has its own coordinates: the test is then the optimal one and the
+  audit close to tight.
+* **client level** (Andrew et al. 2024): canary clients upload random
+  directions; a canary replaces one client of the round or is held out, the
+  round's uploads are clipped (Flower's FlatClip) and averaged, the server
+  adds its noise with fedpeft's central-DP wrapper
+  (:func:`fedpeft.privacy.client_level.wrap_client_dp`), and the score is the
+  cosine between the canary and the released aggregate. Accounted with
+  :func:`fedpeft.privacy.client_level.client_level_epsilon` (replace-one).
+
+In both, half of the trials choose the score threshold and the other half
+measure FPR and FNR, so the interval is not biased by the choice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import beta
+
+__all__ = ["clopper_pearson_upper", "epsilon_lower_bound", "EmpiricalAudit", "audit_scores", "sample_level_audit",
+           "client_level_audit"]
+
+
+def clopper_pearson_upper(errors: int, trials: int, alpha: float) -> float:
+    """One-sided Clopper-Pearson upper bound (level ``1 - alpha``) on a rate seen as ``errors`` of ``trials``."""
+    if trials <= 0:
+        return 1.0
+    if errors >= trials:
+        return 1.0
+    return float(beta.ppf(1.0 - alpha, errors + 1, trials - errors))
+
+
+def epsilon_lower_bound(false_pos: int, negatives: int, false_neg: int, positives: int, delta: float,
+                        confidence: float = 0.95) -> float:
+    """Epsilon lower bound of one threshold test at ``confidence`` (0 when the test shows nothing).
+
+    The two rates' upper bounds each take half of ``1 - confidence`` (a union
+    bound), so the pair holds jointly at ``confidence``.
+    """
+    alpha = (1.0 - confidence) / 2.0
+    fpr = clopper_pearson_upper(false_pos, negatives, alpha)
+    fnr = clopper_pearson_upper(false_neg, positives, alpha)
+    best = 0.0
+    for miss, false in ((fnr, fpr), (fpr, fnr)):
+        if 1.0 - delta - miss > 0.0 and false > 0.0:
+            best = max(best, math.log((1.0 - delta - miss) / false))
+    return best
+
+
+@dataclass(frozen=True)
+class EmpiricalAudit:
+    """The result of one canary audit.
+
+    Attributes
+    ----------
+    unit : str
+        ``"sample"`` or ``"client"``.
+    epsilon_lower : float
+        The empirical lower bound at ``confidence``.
+    epsilon_accountant : float
+        The accountant's epsilon of the same release (inf without noise).
+    accountant : str
+        Which accountant gave it.
+    delta, confidence : float
+    noise_multiplier, clipping_norm : float
+    trials : int
+        Trials per side (canary in / canary out).
+    threshold : float
+        The score threshold chosen on the first half.
+    false_pos, false_neg : int
+        Errors on the held-out half (``trials - trials // 2`` per side).
+    max_lower : float
+        The largest lower bound these many trials can give (no errors at
+        all): the ceiling of the audit, however weak the protection.
+    details : str
+        The release: steps, sample rate, clients.
+    """
+
+    unit: str
+    epsilon_lower: float
+    epsilon_accountant: float
+    accountant: str
+    delta: float
+    confidence: float
+    noise_multiplier: float
+    clipping_norm: float
+    trials: int
+    threshold: float
+    false_pos: int
+    false_neg: int
+    max_lower: float
+    details: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def audit_scores(scores_in: np.ndarray, scores_out: np.ndarray, delta: float, confidence: float = 0.95) -> tuple[float, float, int, int]:
+    """``(epsilon lower bound, threshold, false positives, false negatives)`` of "in if score > threshold".
+
+    The threshold maximises the bound on the first half of each side's
+    trials; the bound is measured on the second half.
+    """
+    scores_in, scores_out = np.asarray(scores_in, dtype=np.float64), np.asarray(scores_out, dtype=np.float64)
+    hi, ho = len(scores_in) // 2, len(scores_out) // 2
+    cal_in, cal_out, ev_in, ev_out = scores_in[:hi], scores_out[:ho], scores_in[hi:], scores_out[ho:]
+    candidates = np.unique(np.concatenate([cal_in, cal_out]))
+    best_t, best = float(candidates[0]) if len(candidates) else 0.0, -1.0
+    for t in candidates:
+        fp, fn = int((cal_out > t).sum()), int((cal_in <= t).sum())
+        value = epsilon_lower_bound(fp, len(cal_out), fn, len(cal_in), delta, confidence)
+        if value > best:
+            best_t, best = float(t), value
+    fp, fn = int((ev_out > best_t).sum()), int((ev_in <= best_t).sum())
+    return epsilon_lower_bound(fp, len(ev_out), fn, len(ev_in), delta, confidence), best_t, fp, fn
+
+
+def _ceiling(trials: int, delta: float, confidence: float) -> float:
+    held_out = trials - trials // 2
+    return epsilon_lower_bound(0, held_out, 0, held_out, delta, confidence)
+
+
+# --- sample level -----------------------------------------------------------------
+
+
+class _Output(SimpleNamespace):
+    """What a transformers model returns, as far as fedpeft's DP code reads it."""
+
+
+class CanaryModel(torch.nn.Module):
+    """A cheap classifier with the interface of a transformers model.
+
+    Frozen one-hot token features (mean over the attention mask) into a
+    bias-free linear head. Token ``vocab - 1`` is the canary's: its feature is
+    ``canary_scale`` times a one-hot, so its gradient lives in a column no
+    other example touches and its norm exceeds any sensible clipping norm.
+    """
+
+    def __init__(self, vocab: int = 16, num_labels: int = 2, canary_scale: float = 100.0):
+        super().__init__()
+        table = torch.eye(vocab)
+        table[-1] *= canary_scale
+        self.features = torch.nn.Embedding.from_pretrained(table, freeze=True)
+        self.head = torch.nn.Linear(vocab, num_labels, bias=False)
+        torch.nn.init.zeros_(self.head.weight)
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        pooled = (self.features(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return _Output(logits=self.head(pooled))
+
+
+def sample_level_audit(noise_multiplier: float, max_grad_norm: float, *, steps: int = 1, trials: int = 1000,
+                       delta: float = 1e-5, accountant: str = "rdp", confidence: float = 0.95, others: int = 3,
+                       lr: float = 1e-3, seed: int = 0, claimed_noise_multiplier: float | None = None) -> EmpiricalAudit:
+    """Canary audit of the victim's DP-SGD (one round of ``steps`` steps, every example each step).
+
+    Parameters
+    ----------
+    noise_multiplier, max_grad_norm : float
+        The mechanism the victim runs.
+    steps : int
+        DP-SGD steps of the round (the canary takes part in each).
+    trials : int
+        Trials with the canary and as many without.
+    delta, accountant, confidence
+        Of the reported epsilons.
+    others : int
+        Ordinary examples the victim holds besides the canary.
+    lr : float
+        The victim's learning rate (small, so the canary's gradient stays clipped).
+    seed : int
+        Seeds every trial's noise.
+    claimed_noise_multiplier : float, optional
+        Account for this sigma instead of the one run: a deliberately wrong
+        claim that the audit should catch (for tests).
+    """
+    from fedpeft.audit.dp import dp_upload
+    from fedpeft.privacy.accounting import compute_epsilon
+    from fedpeft.privacy.dp_sgd import DPSGD
+
+    model = CanaryModel()
+    vocab = model.features.num_embeddings
+    upload = dp_upload(DPSGD(noise_multiplier, max_grad_norm, 1.0))
+    rng = np.random.default_rng(seed)
+    regular = [torch.as_tensor(rng.integers(0, vocab - 1, size=4)) for _ in range(others)]
+    canary = torch.tensor([vocab - 1] * 4)
+    # With two labels the canary's gradient column is (p - onehot(y)) * scale: direction (-1, 1) for label 0, always.
+    direction = torch.zeros(2, vocab)
+    direction[:, -1] = torch.tensor([-1.0, 1.0]) / math.sqrt(2.0)
+
+    def score(with_canary: bool, trial_seed: int) -> float:
+        rows = regular + ([canary] if with_canary else [])
+        labels = torch.as_tensor(rng.integers(0, 2, size=len(regular)).tolist() + ([0] if with_canary else []))
+        batch = {"input_ids": torch.stack(rows), "attention_mask": torch.ones(len(rows), 4, dtype=torch.int64), "labels": labels}
+        result = upload(model, batch, lr=lr, local_steps=steps, optimizer="sgd", seed=trial_seed)
+        moved = -(result.after["head.weight"] - model.head.weight.detach().numpy()) / lr  # sum of the steps' private gradients
+        return float((torch.as_tensor(moved) * direction).sum())
+
+    with torch.random.fork_rng(devices=[]):
+        s_in = np.array([score(True, seed * 1_000_003 + 2 * i) for i in range(trials)])
+        s_out = np.array([score(False, seed * 1_000_003 + 2 * i + 1) for i in range(trials)])
+    lower, threshold, fp, fn = audit_scores(s_in, s_out, delta, confidence)
+    ceiling = _ceiling(trials, delta, confidence)
+    claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
+    eps = compute_epsilon(claimed, 1.0, steps, delta, accountant) if claimed > 0 else math.inf
+    return EmpiricalAudit("sample", lower, float(eps), accountant, delta, confidence, noise_multiplier, max_grad_norm, trials,
+                          threshold, fp, fn, ceiling, f"one victim round: {steps} DP-SGD step(s), q = 1, {others} other examples, "
+                                             "canary inserted / left out (add-remove)")
+
+
+# --- client level -----------------------------------------------------------------
+
+
+def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_clients: int = 10, clients_per_round: int = 10,
+                       trials: int = 1000, dim: int = 2048, delta: float = 1e-5, confidence: float = 0.95, seed: int = 0,
+                       claimed_noise_multiplier: float | None = None) -> EmpiricalAudit:
+    """Canary-client audit of one round of central DP (Andrew et al.'s random-direction canaries).
+
+    Each trial draws ``num_clients`` uploads of dimension ``dim`` (random
+    directions of random norm around ``clipping_norm``); in a canary trial
+    the last client's upload is a canary, a random direction of norm
+    ``10 * clipping_norm``. The server samples ``clients_per_round`` clients
+    without replacement, clips each upload to ``clipping_norm`` and averages,
+    and fedpeft's server-side wrapper adds its noise. The score is the
+    cosine of the released aggregate with the canary; in a held-out trial it
+    is the cosine with a fresh canary that never took part. Parameters as in
+    :func:`sample_level_audit`.
+    """
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.differential_privacy import clip_inputs_inplace
+
+    from fedpeft.privacy.client_level import client_level_epsilon, wrap_client_dp
+
+    dp = SimpleNamespace(clip_on="server", clipping="fixed", max_grad_norm=clipping_norm)
+    server = wrap_client_dp(FedAvg(), dp, noise_multiplier, clients_per_round, ["update"], seed)
+    rng = np.random.default_rng([seed, 4242])
+
+    def unit(n: int) -> np.ndarray:
+        v = rng.normal(size=(n, dim))
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def score(with_canary: bool) -> float:
+        uploads = unit(num_clients) * clipping_norm * rng.uniform(0.5, 2.0, size=(num_clients, 1))
+        canary = unit(1)[0]
+        if with_canary:
+            uploads[-1] = 10.0 * clipping_norm * canary  # replace-one: the canary takes a client's place
+        chosen = rng.choice(num_clients, size=clients_per_round, replace=False)
+        clipped = []
+        for i in chosen:
+            u = [uploads[i].astype(np.float32)]
+            clip_inputs_inplace(u, clipping_norm)
+            clipped.append(u[0])
+        mean = np.mean(clipped, axis=0).astype(np.float32)
+        released = server._add_noise_to_aggregated_arrays(ArrayRecord({"update": Array(mean)}))["update"].numpy()
+        return float(released @ canary / max(np.linalg.norm(released), 1e-30))
+
+    s_in = np.array([score(True) for _ in range(trials)])
+    s_out = np.array([score(False) for _ in range(trials)])
+    lower, threshold, fp, fn = audit_scores(s_in, s_out, delta, confidence)
+    ceiling = _ceiling(trials, delta, confidence)
+    claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
+    eps = client_level_epsilon(float(claimed), num_clients, clients_per_round, 1, delta)
+    return EmpiricalAudit("client", lower, float(eps), "rdp (replace-one, sampled without replacement)", delta, confidence,
+                          noise_multiplier, clipping_norm, trials, threshold, fp, fn, ceiling,
+                          f"one round: {clients_per_round} of {num_clients} clients, uploads of dimension {dim}, "
+                          "canary replaces a client / held out")
