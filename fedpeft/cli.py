@@ -186,7 +186,9 @@ def sweep(
 
 @app.command()
 def audit(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Audit folder (default: runs/<timestamp>-audit-<name>); must be empty or absent.")) -> None:
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Audit folder (default: runs/<timestamp>-audit-<name>); must be empty or absent."),
+          sweep: Optional[Path] = typer.Option(None, "--sweep", help="Sweep file (e.g. experiments/audit_sweep.toml): attack success vs epsilon, rank, batch size, with a plot."),
+          full: bool = typer.Option(False, "--full", help="With --sweep: the full-size sweep (the file's full_victims and full_values).")) -> None:
     """Audit what a curious server can rebuild from one client's payload; writes audit.json and audit.md."""
     import time
 
@@ -195,13 +197,22 @@ def audit(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
     quiet_environment()
     from fedpeft.config import load_config
 
+    if full and sweep is None:
+        fail("--full needs --sweep FILE")
     try:
         cfg = load_config(config, set_ or [])
         from fedpeft.audit.settings import parse_settings
 
         settings = parse_settings(cfg.audit)
+        if sweep is not None:
+            from fedpeft.audit.sweep import load_sweep
+
+            spec = load_sweep(sweep, full, set_ or [], config)
     except FedPeftError as exc:
         fail(str(exc))
+    if sweep is not None:
+        _audit_sweep(spec, sweep, set_ or [], prepare_out(out, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{spec.name}{'-full' if full else ''}"))
+        return
     target = prepare_out(out, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-audit-{cfg.federation.name}")
 
     from fedpeft.audit.report import AUDIT_MD, write_report
@@ -219,6 +230,25 @@ def audit(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
         fail(str(exc))
     write_report(result, target)
     print(f"audit folder: {target} (see {target / AUDIT_MD})")
+
+
+def _audit_sweep(spec, path: Path, overrides: list[str], target: Path) -> None:
+    """Run an audit sweep with a progress bar and write its folder."""
+    from fedpeft.audit.sweep import SWEEP_MD, budget_line, run_sweep, write_sweep
+
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task("audit sweep", total=len(spec.points))
+
+            def on_point(done: int, total: int, point) -> None:
+                progress.update(task, completed=done, description=f"{point.axis} = {'reference' if point.value is None else point.value}")
+
+            result = run_sweep(spec, overrides, on_point)
+            progress.update(task, completed=len(spec.points))
+    except FedPeftError as exc:
+        fail(str(exc))
+    write_sweep(result, target, budget_line(path))
+    print(f"audit sweep folder: {target} (see {target / SWEEP_MD})")
 
 
 @app.command("strategies")
