@@ -31,10 +31,25 @@ from torch import nn
 
 from fedpeft.audit.attacks.base import Attack, AttackResult, Observation
 from fedpeft.audit.attacks.registry import register_attack
-from fedpeft.audit.observe import wire_key
 from fedpeft.errors import ConfigError
 
 LossFn = Callable[[nn.Module], torch.Tensor]
+_PREFIX = "base_model.model."
+
+
+def wire_key(param_name: str) -> str:
+    """The wire key of a trainable peft parameter (``lora_A/<module>``, ``extra/<name>``).
+
+    The same mapping as :func:`fedpeft.audit.observe.wire_key`, kept here
+    because ``observe`` imports the attack package: importing it back from an
+    attack module would be circular.
+    """
+    name = param_name.removeprefix(_PREFIX)
+    for part in ("lora_A", "lora_B"):
+        suffix = f".{part}.default.weight"
+        if name.endswith(suffix):
+            return f"{part}/{name[: -len(suffix)]}"
+    return "extra/" + name.replace(".modules_to_save.default", "")
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -87,16 +102,23 @@ def recover_labels(bias_grad, batch_size: int = 1) -> list[int]:
     """Labels from the head's bias gradient (iDLG, extended greedily to batches).
 
     The bias gradient of a mean cross-entropy loss is ``mean_i (softmax_i -
-    onehot(y_i))``, so ``n * g_c + count_c`` equals the summed softmax mass of
-    class ``c`` (non-negative). Each label taken adds one back to its class:
-    picking the most negative entry ``n`` times, adding 1 after each pick,
-    recovers the counts whenever the softmax mass is small; for one example it
-    is exactly the argmin (the only negative entry).
+    onehot(y_i))``: for one example only the true class is negative, so the
+    label is the argmin. For a batch, ``n * g_c + count_c`` is the summed
+    softmax mass of class ``c`` (non-negative), so a class with a negative
+    entry is present. Labels are taken one at a time from the most negative
+    residual, adding 1 back after each pick (which recovers counts while the
+    softmax mass is small, i.e. an untrained head), and while any class is
+    negative the picks stay among the negative classes (a confident model
+    leaves a repeated class only slightly negative, and an absent class
+    never negative).
     """
-    residual = np.asarray(bias_grad, dtype=np.float64) * batch_size
+    grad = np.asarray(bias_grad, dtype=np.float64)
+    residual = grad * batch_size
+    present = np.flatnonzero(grad < 0)
+    pool = present if present.size else np.arange(grad.size)
     labels = []
     for _ in range(batch_size):
-        c = int(np.argmin(residual))
+        c = int(pool[np.argmin(residual[pool])])
         labels.append(c)
         residual[c] += 1.0
     return sorted(labels)
