@@ -98,8 +98,14 @@ def victim_dp(dp_cfg, local_steps: int, batch_size: int) -> VictimDP | None:
     return VictimDP(float(sigma), float(dp_cfg.max_grad_norm), q, local_steps, delta, dp_cfg.accountant, target, float(eps))
 
 
-def dp_upload(mechanism: DPSGD, weight_decay: float = 0.0) -> UploadFn:
+def dp_upload(mechanism: DPSGD, weight_decay: float = 0.0, expected_batch_size: float | None = None) -> UploadFn:
     """An :data:`UploadFn` for a DP-SGD client with ``mechanism``.
+
+    ``expected_batch_size`` divides the noised sum; None means ``q * n`` for
+    the ``n`` examples the victim holds, as in ``train_steps``. Where the
+    examples held are what is being audited (a canary in or out), pass a
+    constant: dividing by the size of the private data set would itself
+    reveal whether the canary is there.
 
     One local step uploads the privatised gradient (clipped per example,
     noised, divided by the expected batch size): DP-FedSGD. Several steps
@@ -119,7 +125,8 @@ def dp_upload(mechanism: DPSGD, weight_decay: float = 0.0) -> UploadFn:
                 train_steps(model, split, indices, task="classification", steps=local_steps, batch_size=len(indices), lr=lr,
                             weight_decay=weight_decay, seed=seed, dp=mechanism)
                 return LocalResult(after={n: p.detach().numpy().copy() for n, p in params.items()}, gradients=None)
-            grads = _dp_sgd(model, params, batch, mechanism, lr=lr, steps=local_steps, seed=seed)
+            grads = _dp_sgd(model, params, batch, mechanism, lr=lr, steps=local_steps, seed=seed,
+                            expected=expected_batch_size)
             return LocalResult(after={n: p.detach().numpy().copy() for n, p in params.items()},
                                gradients=grads if local_steps == 1 else None)
         finally:
@@ -133,7 +140,7 @@ def dp_upload(mechanism: DPSGD, weight_decay: float = 0.0) -> UploadFn:
 
 
 def _dp_sgd(model, params: dict, batch: dict[str, torch.Tensor], dp: DPSGD, *, lr: float, steps: int,
-            seed: int) -> dict[str, np.ndarray]:
+            seed: int, expected: float | None = None) -> dict[str, np.ndarray]:
     """``steps`` DP-SGD steps with plain SGD (the loop of ``train_steps``); returns the first step's private gradient."""
     n = len(batch["labels"])
     schedule = poisson_batches(np.arange(n), steps, dp.sample_rate, np.random.default_rng(seed))
@@ -141,7 +148,7 @@ def _dp_sgd(model, params: dict, batch: dict[str, torch.Tensor], dp: DPSGD, *, l
     model.train()
     with torch.random.fork_rng(devices=[]), grad_sample_module(model) as forward:
         torch.manual_seed(seed)
-        opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), dp, dp.sample_rate * n,
+        opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), dp, expected or dp.sample_rate * n,
                            torch.Generator().manual_seed(seed))
         for idx in schedule:
             opt.zero_grad(set_to_none=True)

@@ -205,7 +205,8 @@ def sample_level_audit(noise_multiplier: float, max_grad_norm: float, *, steps: 
 
     model = CanaryModel()
     vocab = model.features.num_embeddings
-    upload = dp_upload(DPSGD(noise_multiplier, max_grad_norm, 1.0))
+    # A constant divisor: dividing by the data set's own size would leak the canary by itself.
+    upload = dp_upload(DPSGD(noise_multiplier, max_grad_norm, 1.0), expected_batch_size=others + 1)
     rng = np.random.default_rng(seed)
     regular = [torch.as_tensor(rng.integers(0, vocab - 1, size=4)) for _ in range(others)]
     canary = torch.tensor([vocab - 1] * 4)
