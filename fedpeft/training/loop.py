@@ -62,7 +62,9 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
         torch.manual_seed(seed)
         if dp is not None:
             forward = stack.enter_context(grad_sample_module(model))
-            optimizer = dp_optimizer(optimizer, dp, dp.sample_rate * len(indices), torch.Generator().manual_seed(seed))
+            # Divide by the configured batch size (q * n when n >= it), a public
+            # constant: a divisor that depends on the shard would itself leak.
+            optimizer = dp_optimizer(optimizer, dp, batch_size, torch.Generator().manual_seed(seed))
         for batch_idx in schedule:
             sizes.append(len(batch_idx))
             optimizer.zero_grad(set_to_none=True)
