@@ -315,6 +315,11 @@ def validate_dp(cfg: Config, strategy) -> None:
         raise ConfigError(f"dp.max_grad_norm = {dp.max_grad_norm!r}: the clipping norm must be > 0")
     if dp.target_epsilon == 0.0 and dp.noise_multiplier <= 0.0:
         raise ConfigError("dp.noise_multiplier = 0 adds no noise (epsilon = inf); set it > 0 or set dp.target_epsilon")
+    if dp.mode == "sample" and cfg.federation.client_eval:
+        raise ConfigError(
+            "federation.client_eval = true with dp.mode = 'sample': each client's accuracy on its own shard would "
+            "reach the server without noise; turn client_eval off (the global test set is still evaluated)"
+        )
     if dp.mode == "sample" and cfg.train.batch_sampling == "shuffle":
         raise ConfigError(
             "train.batch_sampling = 'shuffle' with dp.mode = 'sample': the sample-level accounting assumes Poisson "

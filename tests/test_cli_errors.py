@@ -73,6 +73,8 @@ def assert_user_error(proc: subprocess.CompletedProcess, *named: str) -> str:
         pytest.param(["--set", "dp.mode=client", "--set", "dp.accountant=prv"], ["dp.accountant", "'rdp'"],
                      id="dp-client-accountant"),
         pytest.param(["--set", "dp.mode=nope"], ["dp.mode", "sample", "client"], id="dp-bad-mode"),
+        pytest.param(["--set", "dp.mode=sample", "--set", "federation.client_eval=true"],
+                     ["federation.client_eval", "without noise"], id="dp-client-eval"),
     ],
 )
 def test_run_rejects_bad_config(tmp_path, args, named):

@@ -79,7 +79,9 @@ def test_sample_level_epsilon_matches_an_independent_accountant(sample_run):
 
 
 def test_sample_level_dp_changes_training_and_keeps_the_payload(sample_run, tmp_path):
-    cfg, summary, _ = sample_run
+    cfg, summary, metrics = sample_run
+    # The loss is computed on private data without noise: it must not reach the server.
+    assert all(m["train_loss"] is None for m in metrics)
     _, plain, _ = run(tmp_path, "plain", ["data.max_examples_per_client=40", 'data.partition="natural"'])
     assert plain["epsilon"] is None and plain["dp"] is None
     assert summary["bytes_up"] == plain["bytes_up"], "DP must not change what crosses the wire"

@@ -104,8 +104,10 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         if accountant is not None:
             accountant.step(dp.noise_multiplier, dp.sample_rate, t.local_steps)
             context.state[ACCOUNTANT] = ConfigRecord(accountant.state_dict())
-            metrics["dp-epsilon"] = accountant.epsilon(conf.dp.delta)
-            metrics["dp-steps"] = accountant.steps
+            # Only what the mechanism covers leaves the client: the loss and the Poisson
+            # batch sizes are computed from its data without noise.
+            metrics = {"steps": metrics["steps"], "dp-epsilon": accountant.epsilon(conf.dp.delta),
+                       "dp-steps": accountant.steps}
         local = rt.model.payload()
         update = ClientUpdate(client_id=str(cid), factors=local.factors, num_examples=len(shard), extras=local.extras)
         if conf.dp.mode == "client":

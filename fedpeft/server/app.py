@@ -94,7 +94,8 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         progress, history = {"round": 0, "cum_bytes_up": 0, "cum_bytes_down": 0, "wall_s": 0.0}, []
     done = progress["round"]
     node_ids = discover_clients(grid, cfg.federation.num_clients)
-    client_eval = cfg.federation.client_eval or strategy.personalised
+    # Accuracy on a client's own shard is not privatised: under sample-level DP it stays on the client.
+    client_eval = (cfg.federation.client_eval or strategy.personalised) and cfg.dp.mode != "sample"
     dp_progress = progress.get("dp", {})
     flower = FlowerLoRAStrategy(strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval, done,
                                 dp_plan=plan, dp_steps=dp_progress.get("steps"), dp_epsilon=dp_progress.get("epsilon"))

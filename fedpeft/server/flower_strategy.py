@@ -197,8 +197,12 @@ class FlowerLoRAStrategy(FlowerStrategy):
         before, self.state = self.state, self.strategy.aggregate(self.state, updates)
         log_.aggregation_error = aggregation_error(before, self.state, updates, self.strategy.weights(updates))
         w = np.asarray(weights, dtype=np.float64)
-        log_.train_loss = float(np.average(losses, weights=w if w.sum() > 0 else None))
-        return to_array_record(global_payload(self.state).arrays()), MetricRecord({"train_loss": log_.train_loss})
+        known = np.isfinite(losses)  # sample-level DP clients keep their loss to themselves
+        if known.any():
+            kw = w[known]
+            log_.train_loss = float(np.average(np.asarray(losses)[known], weights=kw if kw.sum() > 0 else None))
+        metrics = MetricRecord({"train_loss": log_.train_loss} if log_.train_loss is not None else {})
+        return to_array_record(global_payload(self.state).arrays()), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """With ``client_eval``, every client evaluates the model it would use on its own shard."""
