@@ -141,3 +141,16 @@ def test_gaussian_without_sampling_matches_opacus_rdp():
     assert client_level_epsilon(2.0, 10, 10, 5, 1e-3) == pytest.approx(want, rel=0.01)
     # Sampling half the clients can only help.
     assert client_level_epsilon(2.0, 10, 5, 5, 1e-3) < want
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_client_side_clipping_runs_through_flowers_client_mods(tmp_path, clipping):
+    """Flower's fixedclipping_mod / adaptiveclipping_mod pair the reply's arrays with the ones sent:
+    the client echoes every key it was sent, and the rule takes only what it aggregates."""
+    _, summary, metrics = run(tmp_path, clipping,
+                              ['dp.mode="client"', 'dp.clip_on="client"', f'dp.clipping="{clipping}"',
+                               "dp.noise_multiplier=0.5", "dp.clipped_count_stddev=1.0", "dp.delta=0.01",
+                               "data.max_examples_per_client=16", "federation.num_rounds=2", "train.local_steps=1"])
+    assert not any(m["failed"] for m in metrics), metrics
+    assert summary["dp"]["epsilon"] == pytest.approx(client_level_epsilon(0.5, 4, 2, 2, 0.01))
+    assert np.isfinite(summary["final_loss"])
