@@ -20,11 +20,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from fedpeft.audit.attacks.base import Observation
+from fedpeft.audit.attacks.base import Observation, wire_key  # noqa: F401  (wire_key: re-exported for callers of observe)
 from fedpeft.models.lora import PREFIX
 from fedpeft.training import EncodedSplit
 from strategies import ClientUpdate, Payload
-from strategies.state import flat_key
 
 
 @dataclass
@@ -104,16 +103,6 @@ def honest_upload(model, batch: dict[str, torch.Tensor], *, lr: float, local_ste
         with torch.no_grad():  # the server's copy goes back to the global state
             for n, p in params.items():
                 p.copy_(start[n])
-
-
-def wire_key(param_name: str) -> str:
-    """Flat wire key (``lora_A/<module>``, ``extra/<name>``) of a peft parameter name."""
-    name = param_name.removeprefix(PREFIX)
-    for part in ("A", "B"):
-        suffix = f".lora_{part}.default.weight"
-        if name.endswith(suffix):
-            return flat_key(f"lora_{part}", name[: -len(suffix)])
-    return flat_key("extra", name.replace(".modules_to_save.default", ""))
 
 
 @contextlib.contextmanager

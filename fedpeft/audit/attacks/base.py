@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from fedpeft.errors import ConfigError
+
 
 @dataclass
 class Observation:
@@ -112,8 +114,6 @@ class Attack:
 
     def __init__(self, **params: Any) -> None:
         if params:
-            from fedpeft.errors import ConfigError
-
             raise ConfigError(f"audit.{self.name}: unknown parameters {sorted(params)}; this attack takes none")
 
     def applicable(self, obs: Observation) -> str | None:
@@ -126,3 +126,60 @@ class Attack:
         """Reconstruct what the payload reveals; ``prior`` is public side knowledge
         (e.g. token frequencies, label frequencies) the server may hold."""
         raise NotImplementedError
+
+
+def checked_params(attack: str, params: Mapping[str, Any], defaults: Mapping[str, Any],
+                   signed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An attack's ``[audit.<attack>]`` parameters over its defaults, validated.
+
+    Parameters
+    ----------
+    attack : str
+        Registry name (for the error message).
+    params : mapping
+        What the config gave.
+    defaults : mapping
+        Every valid parameter and its default; all are numbers.
+    signed : tuple of str
+        Parameters that may be negative (e.g. a seed).
+
+    Returns
+    -------
+    dict
+        ``{**defaults, **params}``.
+
+    Raises
+    ------
+    fedpeft.errors.ConfigError
+        One line naming an unknown parameter, or a value that is not a
+        (non-negative) number.
+    """
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise ConfigError(f"audit.{attack}: unknown parameters {sorted(unknown)}; valid: {sorted(defaults)}")
+    merged = {**defaults, **params}
+    for key, value in merged.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (key not in signed and value < 0):
+            kind = "a number" if key in signed else "a non-negative number"
+            raise ConfigError(f"audit.{attack}.{key} = {value!r} must be {kind}")
+    return merged
+
+
+def wire_key(param_name: str) -> str:
+    """Flat wire key (``lora_A/<module>``, ``extra/<name>``) of a peft parameter name.
+
+    It lives here, beside the :class:`Observation` whose arrays it names, so
+    that both :mod:`fedpeft.audit.observe` and the attack modules (which
+    ``observe`` imports through this package) can use it without a cycle.
+    """
+    # Imported when called: peft is loaded by then, and importing this module stays light.
+    from fedpeft.models.lora import PREFIX
+    from strategies.state import flat_key
+
+    name = param_name.removeprefix(PREFIX)
+    for part in ("A", "B"):
+        suffix = f".lora_{part}.default.weight"
+        if name.endswith(suffix):
+            return flat_key(f"lora_{part}", name[: -len(suffix)])
+    return flat_key("extra", name.replace(".modules_to_save.default", ""))

@@ -29,27 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpeft.audit.attacks.base import Attack, AttackResult, Observation
+from fedpeft.audit.attacks.base import Attack, AttackResult, Observation, checked_params, wire_key
 from fedpeft.audit.attacks.registry import register_attack
-from fedpeft.errors import ConfigError
 
 LossFn = Callable[[nn.Module], torch.Tensor]
-_PREFIX = "base_model.model."
-
-
-def wire_key(param_name: str) -> str:
-    """The wire key of a trainable peft parameter (``lora_A/<module>``, ``extra/<name>``).
-
-    The same mapping as :func:`fedpeft.audit.observe.wire_key`, kept here
-    because ``observe`` imports the attack package: importing it back from an
-    attack module would be circular.
-    """
-    name = param_name.removeprefix(_PREFIX)
-    for part in ("lora_A", "lora_B"):
-        suffix = f".{part}.default.weight"
-        if name.endswith(suffix):
-            return f"{part}/{name[: -len(suffix)]}"
-    return "extra/" + name.replace(".modules_to_save.default", "")
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -273,13 +256,7 @@ class _ImageMatching(Attack):
     _defaults: dict[str, Any] = {}
 
     def __init__(self, **params: Any) -> None:
-        unknown = set(params) - set(self._defaults)
-        if unknown:
-            raise ConfigError(f"audit.{self.name}: unknown parameters {sorted(unknown)}; valid: {sorted(self._defaults)}")
-        self.params = {**self._defaults, **params}
-        for key, value in self.params.items():
-            if key != "seed" and not (isinstance(value, (int, float)) and value >= 0):
-                raise ConfigError(f"audit.{self.name}.{key} = {value!r} must be a non-negative number")
+        self.params = checked_params(self.name, params, self._defaults, signed=("seed",))
 
     def applicable(self, obs: Observation) -> str | None:
         reason = super().applicable(obs)

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from fedpeft.audit.attacks.base import Attack, AttackResult, Observation
+from fedpeft.audit.attacks.base import Attack, AttackResult, Observation, checked_params
 from fedpeft.audit.attacks.gradient_matching import (
     _as_tensors,
     _cosine_distance,
@@ -33,7 +33,6 @@ from fedpeft.audit.attacks.gradient_matching import (
     trainable_tensors,
 )
 from fedpeft.audit.attacks.registry import register_attack
-from fedpeft.errors import ConfigError
 
 
 def candidate_token_mask(tokenizer) -> torch.Tensor:
@@ -233,13 +232,7 @@ class EmbeddingInversion(Attack):
     _defaults = {"iterations": 100, "lr": 0.05, "restarts": 1, "seed": 0, "candidates": 5, "sweeps": 1, "prior_tokens": 10}
 
     def __init__(self, **params: Any) -> None:
-        unknown = set(params) - set(self._defaults)
-        if unknown:
-            raise ConfigError(f"audit.{self.name}: unknown parameters {sorted(unknown)}; valid: {sorted(self._defaults)}")
-        self.params = {**self._defaults, **params}
-        for key, value in self.params.items():
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ConfigError(f"audit.{self.name}.{key} = {value!r} must be a non-negative number")
+        self.params = checked_params(self.name, params, self._defaults, signed=("seed",))
 
     def applicable(self, obs: Observation) -> str | None:
         reason = super().applicable(obs)
