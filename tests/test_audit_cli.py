@@ -21,6 +21,7 @@ COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "fedpef
     [
         ("audit.victims=0", "audit.victims must be an integer >= 1"),
         ("audit.attacks=['nope']", "audit.attacks: 'nope' is not an attack; choose from:"),
+        ("audit.dlg={iterations=-1}", "audit.dlg.iterations = -1 must be a non-negative number"),
     ],
 )
 def test_bad_audit_key_is_one_line_and_writes_nothing(tmp_path, override, message):

@@ -9,6 +9,9 @@ accountant assumes) and the release the server sees is ``local_steps``
 steps of the Gaussian mechanism without amplification. The epsilon reported
 beside the attack numbers is the accountant's for exactly that release.
 
+The image victim (:mod:`fedpeft.audit.vision`) runs the same mechanism on its
+images through :func:`dp_image_upload`.
+
 With ``dp.mode = "client"`` the noise is added by the server to the
 aggregate (central DP): a curious server sees each upload before noising,
 so the victim's upload is unchanged and the attacks are expected to work.
@@ -16,6 +19,7 @@ so the victim's upload is unchanged and the attacks are expected to work.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,7 +29,15 @@ import torch
 from fedpeft.audit.observe import LocalResult, UploadFn
 from fedpeft.privacy.accounting import accountant_title, check_delta, compute_epsilon
 from fedpeft.privacy.calibration import calibrate_noise
-from fedpeft.privacy.dp_sgd import DPSGD, dp_optimizer, grad_sample_module, noise_only_step, per_sample_loss, poisson_batches
+from fedpeft.privacy.dp_sgd import (
+    DPSGD,
+    check_private_model,
+    dp_optimizer,
+    grad_sample_module,
+    noise_only_step,
+    per_sample_loss,
+    poisson_batches,
+)
 
 # The victim's shard is its batch: every example takes part in every step.
 VICTIM_SAMPLE_RATE = 1.0
@@ -163,6 +175,63 @@ def _dp_sgd(model, params: dict, batch: dict[str, torch.Tensor], dp: DPSGD, *, l
                 # After DPOptimizer.step, .grad holds the clipped, noised, averaged gradient.
                 first = {k: p.grad.detach().numpy().astype(np.float32).copy() for k, p in params.items()}
     return first
+
+
+def dp_image_upload(mechanism: DPSGD):
+    """An image victim's upload under DP-SGD (an ``ImageUploadFn`` of :mod:`fedpeft.audit.vision.experiment`).
+
+    The same mechanism as :func:`dp_upload` with plain SGD: opacus per-sample
+    gradients of the LoRA factors and head, clipped to C, summed, Gaussian
+    noise, divided by the expected batch size ``q * n``. One step returns
+    the privatised gradient; more return the update read as a scaled
+    gradient, ``(sent - after) / (lr * steps)``. The model's trainable
+    tensors are restored afterwards.
+    """
+    from opacus import GradSampleModule
+
+    from fedpeft.audit.attacks.gradient_matching import trainable_tensors
+
+    def upload(model, x: torch.Tensor, y: torch.Tensor, *, local_steps: int, lr: float, seed: int) -> dict[str, torch.Tensor]:
+        check_private_model(model)
+        params = trainable_tensors(model)
+        start = {k: p.detach().clone() for k, p in params.items()}
+        schedule = poisson_batches(np.arange(len(x)), local_steps, mechanism.sample_rate, np.random.default_rng(seed))
+        was_training = model.training
+        gsm = GradSampleModule(model, loss_reduction="mean", strict=True)
+        first: dict[str, torch.Tensor] = {}
+        try:
+            gsm.train()  # opacus records activations in training mode only
+            opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), mechanism, mechanism.sample_rate * len(x),
+                               torch.Generator().manual_seed(seed))
+            for idx in schedule:
+                opt.zero_grad(set_to_none=True)
+                if len(idx) == 0:
+                    noise_only_step(opt)
+                else:
+                    sub = torch.as_tensor(idx)
+                    with warnings.catch_warnings():
+                        # The images need no grad, so torch warns; the hooks still see every activation.
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        torch.nn.functional.cross_entropy(gsm(x[sub]), y[sub]).backward()
+                    opt.step()
+                if not first:
+                    # After DPOptimizer.step, .grad holds the clipped, noised, averaged gradient.
+                    first = {k: p.grad.detach().clone() for k, p in params.items()}
+            if local_steps == 1:
+                return first
+            return {k: (start[k] - p.detach()) / (lr * local_steps) for k, p in params.items()}
+        finally:
+            gsm.remove_hooks()
+            model.train(was_training)
+            with torch.no_grad():  # the server's copy goes back to the global state
+                for k, p in params.items():
+                    p.copy_(start[k])
+                    p.grad = None
+                    for attr in ("grad_sample", "summed_grad"):
+                        if hasattr(p, attr):
+                            delattr(p, attr)
+
+    return upload
 
 
 def _as_split(batch: dict[str, torch.Tensor]):

@@ -4,7 +4,8 @@ The markdown puts the threat model first, then the settings, one table per
 experiment and attack (each metric beside its prior-only baseline, both with
 bootstrap 95% intervals over victims), recovery by sentence length, the
 findings the studies show, and recovered texts with the recovered wordpieces
-in bold.
+in bold. With image attacks an "Images" section follows: a table per attack
+and ``images.png``, the victims' originals above each attack's reconstructions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 AUDIT_JSON = "audit.json"
 AUDIT_MD = "audit.md"
+IMAGE_GRID = "images.png"
 
 
 def _ci(d: dict) -> str:
@@ -77,6 +79,24 @@ def empirical_section(emp: dict[str, Any]) -> list[str]:
     ]
 
 
+def images_section(img: dict[str, Any]) -> list[str]:
+    """The image experiment: one table per attack beside the prior-only baseline, and the grid."""
+    out = ["## Images", "", f"The threat model above, applied to images: {img['description']}.", ""]
+    if img.get("dp"):
+        out += [f"DP: {img['dp']['describe']}.", ""]
+    out += ["The baseline is the public mean image (PSNR, SSIM) and the label prior (majority label; its counts for batches). "
+            "PSNR and SSIM are per image after the best matching of reconstructions to originals; intervals are "
+            "bootstrap 95% over images.", ""]
+    for attack, tab in img["attacks"].items():
+        out += [f"**{attack}** ({tab['seconds_per_victim']:.2f} s per victim)", "", "| metric | attack | baseline |", "|---|---|---|"]
+        out += [f"| {m} | {_ci(v['attack'])} | {_ci(v['baseline'])} |" for m, v in tab["metrics"].items()]
+        out.append("")
+    shown = len(img["grid"].get("originals", []))
+    out += [f"![originals (top row) and reconstructions]({IMAGE_GRID})", "",
+            f"[{IMAGE_GRID}]({IMAGE_GRID}): the first {shown} victim images (top row) and each attack's reconstruction below.", ""]
+    return out
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     out = ["# Privacy audit", "", "## Threat model", "", result["threat_model"], "", "## Settings", ""]
@@ -121,14 +141,20 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = findings(result)
     if lines:
         out += ["## Findings", ""] + lines + [""]
+    if result.get("images"):
+        out += images_section(result["images"])
     if result.get("empirical"):
         out += empirical_section(result["empirical"])
     return "\n".join(out)
 
 
 def write_report(result: dict[str, Any], folder: Path) -> None:
-    """Write ``audit.json`` and ``audit.md`` into ``folder`` (created if absent)."""
+    """Write ``audit.json``, ``audit.md`` and (with image attacks) ``images.png`` into ``folder`` (created if absent)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if result.get("images"):
+        from fedpeft.audit.image_grid import write_image_grid
+
+        write_image_grid(folder / IMAGE_GRID, result["images"]["grid"])
     (folder / AUDIT_JSON).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
     (folder / AUDIT_MD).write_text(render_markdown(result) + "\n")
 

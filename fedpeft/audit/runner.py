@@ -277,6 +277,11 @@ def marked_text(truth: Truth, result: AttackResult, tokenizer, special: set[int]
 def run_audit(cfg: Config, s: AuditSettings, progress: Progress | None = None, upload: UploadFn | None = None) -> dict[str, Any]:
     """Run every experiment and return the audit as a JSON-ready dict.
 
+    Text attacks run on the text experiments (:func:`experiments`), image
+    attacks (``dlg``, ``inverting-gradients``) on the image experiment
+    (:mod:`fedpeft.audit.image_audit`); with no text attack the text model is
+    never loaded.
+
     Parameters
     ----------
     cfg : Config
@@ -286,18 +291,62 @@ def run_audit(cfg: Config, s: AuditSettings, progress: Progress | None = None, u
     progress : callable, optional
         ``progress(description, done, total)`` after every victim.
     upload : UploadFn, optional
-        How a victim computes its upload. By default it follows ``cfg.dp``:
-        a DP-SGD client with ``dp.mode = "sample"`` (its epsilon is reported
-        with each experiment), an honest client otherwise.
+        How a text victim computes its upload. By default it follows
+        ``cfg.dp``: a DP-SGD client with ``dp.mode = "sample"`` (its epsilon
+        is reported with each experiment), an honest client otherwise. The
+        image victims follow ``cfg.dp`` unless ``upload`` is given, when they
+        are honest.
     """
-    from fedpeft.audit.dp import dp_upload, victim_dp
-    from fedpeft.runtime import runtime
+    from fedpeft.audit.dp import victim_dp
+    from fedpeft.audit.image_audit import check_victims, is_image_attack, run_image_audit
 
     t0 = time.perf_counter()
     attacks: list[Attack] = [get_attack(n)(**s.params.get(n, {})) for n in s.attacks]
-    exps = experiments(cfg, s)
+    text_attacks = [a for a in attacks if not is_image_attack(a)]
+    image_attacks = [a for a in attacks if is_image_attack(a)]
+    exps = experiments(cfg, s) if text_attacks else []
     # Calibrate before loading anything: a bad dp.* value fails in a second.
+    main_dp = victim_dp(cfg.dp, s.local_steps, s.batch_size)
     dps = {e.name: victim_dp(cfg.dp, e.local_steps, e.batch_size) for e in exps} if upload is None else {}
+    if image_attacks:
+        check_victims(s)  # before the text experiments' minutes, not after
+    total = sum(e.victims for e in exps) + len(image_attacks) * s.victims
+    out_exps = run_text_experiments(cfg, s, text_attacks, exps, dps, upload, progress, total) if text_attacks else []
+    images = None
+    if image_attacks:
+        done = sum(e.victims for e in exps)
+        order = {a.name: i for i, a in enumerate(image_attacks)}
+
+        def on_image(name: str, v: int) -> None:
+            if progress:
+                progress(f"images, {name}: victim {v + 1}/{s.victims}", done + order[name] * s.victims + v + 1, total)
+
+        images = run_image_audit(cfg, s, image_attacks, main_dp if upload is None else None, on_image)
+    if s.empirical:
+        if progress:
+            progress("canary audit (empirical epsilon)", total, total)
+        empirical = empirical_privacy(cfg, s, main_dp if upload is None else None).to_dict()
+    else:
+        empirical = None
+    return {
+        "threat_model": THREAT_MODEL,
+        "settings": {**asdict(s), "round": s.round, "lr": cfg.train.lr, "rank": cfg.peft.r, "model": cfg.model.name,
+                     "strategy": cfg.strategy_name, "dp": cfg.dp.mode, "regime": "B = 0 (fresh round)" if s.round == 1 else "B != 0",
+                     "dp_note": DP_NOTES.get(cfg.dp.mode, "")},
+        "experiments": out_exps,
+        "images": images,
+        "empirical": empirical,
+        "wall_s": time.perf_counter() - t0,
+        "config": cfg.to_dict(),
+    }
+
+
+def run_text_experiments(cfg: Config, s: AuditSettings, attacks: list[Attack], exps: list[Experiment], dps: dict,
+                         upload: UploadFn | None, progress: Progress | None, total: int) -> list[dict[str, Any]]:
+    """Load the text model, build the server's prior and play every text experiment (see :func:`run_audit`)."""
+    from fedpeft.audit.dp import dp_upload
+    from fedpeft.runtime import runtime
+
     rt = runtime(cfg)
     split, _ = rt.splits
     tok = rt.model.tokenizer
@@ -313,7 +362,6 @@ def run_audit(cfg: Config, s: AuditSettings, progress: Progress | None = None, u
                           f"{src} has {len(ids)} that fit (audit.max_victim_tokens = {s.max_victim_tokens})")
     order = rng.permutation(len(ids))
     lengths = np.array([len(x) for x in ids])
-    total = sum(e.victims for e in exps)
     done = 0
     out_exps = []
     saturated: dict[str, str] = {}  # study -> the experiment at which span recall reached 0
@@ -338,22 +386,7 @@ def run_audit(cfg: Config, s: AuditSettings, progress: Progress | None = None, u
         recall = result["attacks"].get(SPAN_RECALL[0], {}).get("metrics", {}).get(SPAN_RECALL[1])
         if exp.monotone and recall is not None and recall["attack"]["mean"] == 0.0:
             saturated[exp.study] = exp.name
-    if s.empirical:
-        if progress:
-            progress("canary audit (empirical epsilon)", done, total)
-        empirical = empirical_privacy(cfg, s, dps.get(exps[0].name)).to_dict()
-    else:
-        empirical = None
-    return {
-        "threat_model": THREAT_MODEL,
-        "settings": {**asdict(s), "round": s.round, "lr": cfg.train.lr, "rank": cfg.peft.r, "model": cfg.model.name,
-                     "strategy": cfg.strategy_name, "dp": cfg.dp.mode, "regime": "B = 0 (fresh round)" if s.round == 1 else "B != 0",
-                     "dp_note": DP_NOTES.get(cfg.dp.mode, "")},
-        "experiments": out_exps,
-        "empirical": empirical,
-        "wall_s": time.perf_counter() - t0,
-        "config": cfg.to_dict(),
-    }
+    return out_exps
 
 
 DP_NOTES = {

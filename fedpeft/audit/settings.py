@@ -106,6 +106,8 @@ def parse_settings(table: Mapping[str, Any]) -> AuditSettings:
     settings = AuditSettings(**values, params=params)
     for name in settings.attacks:
         get_attack(name)  # unknown name: ConfigError listing the valid ones
+    for name, given in params.items():
+        get_attack(name)(**given)  # bad parameters fail here, before the audit folder exists
     return settings
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +30,15 @@ from fedpeft.audit.vision.model import VisionLoRA, advance_global_state, lora_cn
 
 ATTACKS = {"inverting-gradients": invert_gradients, "dlg": deep_leakage}
 
+# (model, images, labels, *, local_steps, lr, seed) -> the payload read as a gradient, by wire key
+ImageUploadFn = Callable[..., dict[str, torch.Tensor]]
+
+
+def honest_image_upload(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, local_steps: int, lr: float,
+                        seed: int) -> dict[str, torch.Tensor]:
+    """A victim without DP: its gradient (one step) or its SGD update read as a scaled gradient."""
+    return client_upload(model, lambda m: nn.functional.cross_entropy(m(x), y), local_steps, lr)
+
 
 @dataclass
 class ImageAttackSummary:
@@ -45,6 +55,8 @@ class ImageAttackSummary:
     baseline_psnr: list[float] = field(default_factory=list)
     baseline_ssim: list[float] = field(default_factory=list)
     label_accuracy: float = 0.0
+    labels: list[list[int]] = field(default_factory=list)  # each victim's true labels
+    recovered_labels: list[list[int]] = field(default_factory=list)  # ... and those read off the head bias
     seconds_per_victim: float = 0.0
     reconstructions: list[np.ndarray] = field(default_factory=list, repr=False)
     originals: list[np.ndarray] = field(default_factory=list, repr=False)
@@ -62,7 +74,8 @@ class ImageAttackSummary:
 def run_image_attack(attack: str = "inverting-gradients", dataset: str = "digits", victims: int = 20,
                      batch_size: int = 1, local_steps: int = 1, client_lr: float = 0.1, r: int = 4,
                      global_state: str = "fresh", noise_only: bool = False, seed: int = 0,
-                     vlora: VisionLoRA | None = None, **attack_params) -> ImageAttackSummary:
+                     vlora: VisionLoRA | None = None, upload: ImageUploadFn = honest_image_upload, attack_seed: int = 0,
+                     on_victim: Callable[[int], object] | None = None, **attack_params) -> ImageAttackSummary:
     """Attack ``victims`` disjoint batches of private images and score every image.
 
     Parameters
@@ -89,6 +102,14 @@ def run_image_attack(attack: str = "inverting-gradients", dataset: str = "digits
         Seeds the victims' choice, the noise and the attack's restarts.
     vlora : VisionLoRA, optional
         A ready model (tests reuse one); otherwise built from ``dataset`` and ``r``.
+    upload : ImageUploadFn
+        How a victim computes its payload: :func:`honest_image_upload`, or a
+        DP-SGD client (:func:`fedpeft.audit.dp.dp_image_upload`).
+    attack_seed : int
+        Added to the restarts' seed only, so the victims stay the same when
+        it changes (every attack of an audit sees the same victims).
+    on_victim : callable, optional
+        Called with the victim's index after each victim (progress display).
     **attack_params
         Passed to the attack function (``iterations``, ``restarts``, ...).
     """
@@ -111,14 +132,16 @@ def run_image_attack(attack: str = "inverting-gradients", dataset: str = "digits
     for v, idx in enumerate(order):
         x = torch.from_numpy(np.array(data.private_images[idx]))
         y = torch.from_numpy(np.array(data.private_labels[idx]))
-        observed = client_upload(vlora.model, lambda m: nn.functional.cross_entropy(m(x), y), local_steps, client_lr)
+        observed = upload(vlora.model, x, y, local_steps=local_steps, lr=client_lr, seed=seed + v)
         if noise_only:
             gen = torch.Generator().manual_seed(seed * 7919 + v)
             observed = {k: torch.randn(g.shape, generator=gen) * g.std().clamp_min(1e-8) for k, g in observed.items()}
         labels = recover_labels(observed[head_bias_key(observed, data.num_classes)].numpy(), batch_size)
         correct += _multiset_hits(labels, y.tolist())
+        summary.labels.append(y.tolist())
+        summary.recovered_labels.append(labels)
         start = time.perf_counter()
-        rec, _ = ATTACKS[attack](vlora.model, observed, labels, data.shape, seed=seed + v, **attack_params)
+        rec, _ = ATTACKS[attack](vlora.model, observed, labels, data.shape, seed=seed + attack_seed + v, **attack_params)
         elapsed += time.perf_counter() - start
         scores = image_metrics.score_batch(rec, x)
         base = image_metrics.score_prior(prior, x)
@@ -128,6 +151,8 @@ def run_image_attack(attack: str = "inverting-gradients", dataset: str = "digits
         summary.baseline_ssim += base.ssim.tolist()
         summary.reconstructions.append(rec.numpy()[image_metrics.best_matching(rec, x)])
         summary.originals.append(x.numpy())
+        if on_victim is not None:
+            on_victim(v)
     summary.label_accuracy = correct / need
     summary.seconds_per_victim = elapsed / victims
     return summary
