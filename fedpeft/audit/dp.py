@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpeft.audit.observe import LocalResult, UploadFn
+from fedpeft.audit.observe import LocalResult, UploadFn, trainable_restored
 from fedpeft.privacy.accounting import accountant_title, check_delta, compute_epsilon
 from fedpeft.privacy.calibration import calibrate_noise
 from fedpeft.privacy.dp_sgd import (
@@ -128,8 +128,7 @@ def dp_upload(mechanism: DPSGD, weight_decay: float = 0.0, expected_batch_size: 
 
     def upload(model, batch: dict[str, torch.Tensor], *, lr: float, local_steps: int, optimizer: str, seed: int) -> LocalResult:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        start = {n: p.detach().clone() for n, p in params.items()}
-        try:
+        with trainable_restored(model):
             if local_steps > 1 and optimizer == "adamw":
                 from fedpeft.training import train_steps
 
@@ -141,12 +140,6 @@ def dp_upload(mechanism: DPSGD, weight_decay: float = 0.0, expected_batch_size: 
                             expected=expected_batch_size)
             return LocalResult(after={n: p.detach().numpy().copy() for n, p in params.items()},
                                gradients=grads if local_steps == 1 else None)
-        finally:
-            model.eval()
-            model.zero_grad(set_to_none=True)
-            with torch.no_grad():  # the server's copy goes back to the global state
-                for n, p in params.items():
-                    p.copy_(start[n])
 
     return upload
 

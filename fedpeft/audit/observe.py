@@ -79,28 +79,36 @@ def honest_upload(model, batch: dict[str, torch.Tensor], *, lr: float, local_ste
     activations exactly as in ``fedpeft run``.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    start = {n: p.detach().clone() for n, p in params.items()}
     model.train()
+    with trainable_restored(model) as start, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if local_steps == 1:
+            model.zero_grad(set_to_none=True)
+            _loss(model, batch).backward()
+            grads = {n: p.grad.detach().numpy().astype(np.float32).copy() for n, p in params.items()}
+            after = {n: (start[n].numpy() - lr * grads[n]).astype(np.float32) for n in params}
+            return LocalResult(after=after, gradients=grads)
+        opt_cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
+        opt = opt_cls(list(params.values()), lr=lr)
+        for _ in range(local_steps):
+            opt.zero_grad(set_to_none=True)
+            _loss(model, batch).backward()
+            opt.step()
+        return LocalResult(after={n: p.detach().numpy().copy() for n, p in params.items()}, gradients=None)
+
+
+@contextlib.contextmanager
+def trainable_restored(model) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield a copy of the trainable tensors; on exit put them back (the server's copy
+    returns to the global state after playing a victim) and leave eval mode, no grads."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in params.items()}
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if local_steps == 1:
-                model.zero_grad(set_to_none=True)
-                _loss(model, batch).backward()
-                grads = {n: p.grad.detach().numpy().astype(np.float32).copy() for n, p in params.items()}
-                after = {n: (start[n].numpy() - lr * grads[n]).astype(np.float32) for n in params}
-                return LocalResult(after=after, gradients=grads)
-            opt_cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
-            opt = opt_cls(list(params.values()), lr=lr)
-            for _ in range(local_steps):
-                opt.zero_grad(set_to_none=True)
-                _loss(model, batch).backward()
-                opt.step()
-            return LocalResult(after={n: p.detach().numpy().copy() for n, p in params.items()}, gradients=None)
+        yield start
     finally:
         model.eval()
         model.zero_grad(set_to_none=True)
-        with torch.no_grad():  # the server's copy goes back to the global state
+        with torch.no_grad():
             for n, p in params.items():
                 p.copy_(start[n])
 
