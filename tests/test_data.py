@@ -251,3 +251,12 @@ def test_invalid_arguments_name_their_key(
     method, num_clients = args.pop("method"), args.pop("num_clients")
     with pytest.raises(ConfigError, match=key):
         partition_indices(data, method, num_clients, **args)
+
+
+def test_majority_baseline_is_measured_on_the_rows_a_run_evaluates():
+    """A run with data.max_test_examples = N evaluates the first N test rows: its baseline is theirs."""
+    data = load_dataset("rotten_tomatoes")
+    majority = int(np.argmax(np.bincount(data.train_labels)))
+    assert data.majority_baseline_on(300) == pytest.approx(np.mean(data.test_labels[:300] == majority))
+    assert data.majority_baseline_on(300) != data.majority_baseline
+    assert data.majority_baseline_on(0) == data.majority_baseline

@@ -62,5 +62,11 @@ class TextClassificationData:
     @property
     def majority_baseline(self) -> float:
         """Test accuracy of always predicting the most common training label."""
+        return self.majority_baseline_on(0)
+
+    def majority_baseline_on(self, limit: int) -> float:
+        """The same on the first ``limit`` test rows (0 = all): the rows a run with
+        ``data.max_test_examples = limit`` evaluates on."""
         majority = int(np.argmax(np.bincount(self.train_labels, minlength=self.num_labels)))
-        return float(np.mean(self.test_labels == majority))
+        labels = self.test_labels if limit <= 0 else self.test_labels[:limit]
+        return float(np.mean(labels == majority))

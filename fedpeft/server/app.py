@@ -167,7 +167,8 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         "final_perplexity": final.get("perplexity"),
         "initial_accuracy": history[0]["accuracy"],
         "final_client_accuracy": _mean_client_accuracy(final),
-        "majority_baseline": rt.data.majority_baseline if rt.model.task == "classification" else None,
+        "majority_baseline": (rt.data.majority_baseline_on(cfg.data.max_test_examples)
+                              if rt.model.task == "classification" else None),
         "bytes_up": totals["up"],
         "bytes_down": totals["down"],
         "full_finetune_bytes_per_round": 2 * cfg.clients_per_round * rt.model.full_model_nbytes(),
