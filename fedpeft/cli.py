@@ -143,7 +143,7 @@ def bench(
 
 @app.command()
 def sweep(
-    config: Path = typer.Option(..., "--config", "-c", help="Sweep TOML: a config plus a [sweep] table (see experiments/)."),
+    config: Path = typer.Option(..., "--config", "-c", help="Sweep TOML: a config plus a \\[sweep] table (see experiments/)."),
     set_: Optional[List[str]] = SetOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep folder (default: runs/sweeps/<sweep name>); reruns resume."),
     full: bool = typer.Option(False, "--full", help="Apply the sweep's full-size overrides (sweep.full)."),
