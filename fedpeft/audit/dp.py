@@ -34,9 +34,9 @@ from fedpeft.privacy.dp_sgd import (
     check_private_model,
     dp_optimizer,
     grad_sample_module,
-    noise_only_step,
     per_sample_loss,
     poisson_batches,
+    private_steps,
 )
 
 # The victim's shard is its batch: every example takes part in every step.
@@ -155,15 +155,12 @@ def _dp_sgd(model, params: dict, batch: dict[str, torch.Tensor], dp: DPSGD, *, l
         torch.manual_seed(seed)
         opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), dp, expected or dp.sample_rate * n,
                            torch.Generator().manual_seed(seed))
-        for idx in schedule:
-            opt.zero_grad(set_to_none=True)
-            if len(idx) == 0:
-                noise_only_step(opt)
-            else:
-                sub = {k: v[torch.as_tensor(idx)] for k, v in batch.items()}
-                logits = forward(sub["input_ids"], sub["attention_mask"])
-                per_sample_loss(logits, sub, "classification").mean().backward()
-                opt.step()
+
+        def loss_of(idx):
+            sub = {k: v[torch.as_tensor(idx)] for k, v in batch.items()}
+            return per_sample_loss(forward(sub["input_ids"], sub["attention_mask"]), sub, "classification").mean()
+
+        for _ in private_steps(opt, schedule, loss_of):
             if not first:
                 # After DPOptimizer.step, .grad holds the clipped, noised, averaged gradient.
                 first = {k: p.grad.detach().numpy().astype(np.float32).copy() for k, p in params.items()}
@@ -196,20 +193,14 @@ def dp_image_upload(mechanism: DPSGD):
             gsm.train()  # opacus records activations in training mode only
             opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), mechanism, mechanism.sample_rate * len(x),
                                torch.Generator().manual_seed(seed))
-            for idx in schedule:
-                opt.zero_grad(set_to_none=True)
-                if len(idx) == 0:
-                    noise_only_step(opt)
-                else:
-                    sub = torch.as_tensor(idx)
-                    with warnings.catch_warnings():
-                        # The images need no grad, so torch warns; the hooks still see every activation.
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                        torch.nn.functional.cross_entropy(gsm(x[sub]), y[sub]).backward()
-                    opt.step()
-                if not first:
-                    # After DPOptimizer.step, .grad holds the clipped, noised, averaged gradient.
-                    first = {k: p.grad.detach().clone() for k, p in params.items()}
+            with warnings.catch_warnings():
+                # The images need no grad, so torch warns; the hooks still see every activation.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                for _ in private_steps(opt, schedule, lambda idx: torch.nn.functional.cross_entropy(
+                        gsm(x[torch.as_tensor(idx)]), y[torch.as_tensor(idx)])):
+                    if not first:
+                        # After DPOptimizer.step, .grad holds the clipped, noised, averaged gradient.
+                        first = {k: p.grad.detach().clone() for k, p in params.items()}
             if local_steps == 1:
                 return first
             return {k: (start[k] - p.detach()) / (lr * local_steps) for k, p in params.items()}

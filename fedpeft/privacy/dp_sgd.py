@@ -19,7 +19,7 @@ differently:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -161,3 +161,24 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
     for p in optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
     optimizer.step()
+
+
+def private_steps(optimizer: DPOptimizer, schedule: Iterable[np.ndarray],
+                  loss_of: Callable[[np.ndarray], torch.Tensor]) -> Iterator[float | None]:
+    """One DP-SGD step per Poisson batch of ``schedule``; yields after each step.
+
+    ``loss_of(indices)`` is the mean per-sample loss of a batch through the
+    hooked model. Yields the step's loss, or None for the noise-only step of
+    an empty batch, so a caller can look at the privatised ``.grad`` (or the
+    weights) between steps.
+    """
+    for indices in schedule:
+        optimizer.zero_grad(set_to_none=True)
+        if len(indices) == 0:
+            noise_only_step(optimizer)
+            yield None
+            continue
+        loss = loss_of(indices)
+        loss.backward()
+        optimizer.step()
+        yield float(loss.detach())

@@ -8,7 +8,7 @@ from contextlib import ExitStack
 import numpy as np
 import torch
 
-from fedpeft.privacy.dp_sgd import DPSGD, dp_optimizer, grad_sample_module, noise_only_step, per_sample_loss, poisson_batches
+from fedpeft.privacy.dp_sgd import DPSGD, dp_optimizer, grad_sample_module, per_sample_loss, poisson_batches, private_steps
 from fedpeft.training.batches import EncodedSplit
 
 
@@ -57,7 +57,7 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
     else:
         schedule = batch_schedule(indices, steps, batch_size, rng)
     model.train()
-    losses, sizes = [], []
+    losses = []
     with torch.random.fork_rng(devices=[]), ExitStack() as stack:
         torch.manual_seed(seed)
         if dp is not None:
@@ -65,24 +65,24 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
             # Divide by the configured batch size (q * n when n >= it), a public
             # constant: a divisor that depends on the shard would itself leak.
             optimizer = dp_optimizer(optimizer, dp, batch_size, torch.Generator().manual_seed(seed))
-        for batch_idx in schedule:
-            sizes.append(len(batch_idx))
-            optimizer.zero_grad(set_to_none=True)
-            if len(batch_idx) == 0:
-                if dp is not None:
-                    noise_only_step(optimizer)
-                continue
-            batch = split.batch(batch_idx, task)
-            if dp is not None:
-                loss = per_sample_loss(forward(batch["input_ids"], batch["attention_mask"]), batch, task).mean()
-            else:
-                loss, _ = _forward_loss(model, batch, task)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+
+            def private_loss(batch_idx):
+                batch = split.batch(batch_idx, task)
+                return per_sample_loss(forward(batch["input_ids"], batch["attention_mask"]), batch, task).mean()
+
+            losses = [loss for loss in private_steps(optimizer, schedule, private_loss) if loss is not None]
+        else:
+            for batch_idx in schedule:
+                if len(batch_idx) == 0:  # an empty Poisson draw
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss, _ = _forward_loss(model, split.batch(batch_idx, task), task)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
     model.eval()
     return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(schedule)),
-            "mean_batch_size": float(np.mean(sizes))}
+            "mean_batch_size": float(np.mean([len(b) for b in schedule]))}
 
 
 @torch.inference_mode()
