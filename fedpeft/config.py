@@ -92,7 +92,9 @@ class TrainConfig:
 class DPConfig:
     mode: str = _f("none", "differential privacy: none, sample (DP-SGD on each client), client (central DP on the server)",
                    choices=("none", "sample", "client"))
-    accountant: str = _f("rdp", "privacy accountant: rdp, prv or pld (client mode: rdp)", choices=("rdp", "prv", "pld"))
+    accountant: str = _f("auto", "privacy accountant: auto (pld for sample mode, rdp for client mode), pld, rdp or prv; "
+                                 "sample mode needs pld (shard sizes are public: replace-one), client mode rdp",
+                         choices=("auto", "rdp", "prv", "pld"))
     target_epsilon: float = _f(0.0, "epsilon to calibrate the noise for (0 = use noise_multiplier)", min=0.0)
     delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee; below 1 / records (sample) or 1 / clients (client)",
                       min=0.0, max=1.0)
@@ -105,6 +107,8 @@ class DPConfig:
     clip_norm_lr: float = _f(0.2, "adaptive clipping: learning rate of the clipping norm", min=0.0)
     clipped_count_stddev: float = _f(0.0, "adaptive clipping: noise on the clipped count (0 = clients per round / 20)",
                                      min=0.0)
+    secret_file: str = _f("", "file holding a secret that makes DP noise, Poisson batches and client sampling repeatable "
+                              "(epsilon then holds only while it stays secret); \"\" = the OS CSPRNG, never stored")
 
 
 @dataclass
@@ -307,18 +311,26 @@ def validate(cfg: Config) -> None:
 def validate_dp(cfg: Config, strategy) -> None:
     """Settings a DP claim cannot honour are errors, never a silently wrong epsilon."""
     dp = cfg.dp
+    if dp.accountant == "auto":  # resolved here so summary.json names the accountant used
+        dp.accountant = "rdp" if dp.mode == "client" else "pld"
     if dp.mode == "none":
         return
+    if dp.mode == "sample" and dp.accountant != "pld":
+        raise ConfigError(
+            f"dp.accountant = {dp.accountant!r} with dp.mode = 'sample': shard sizes are public in fedpeft (they set "
+            "the aggregation weights and each client's q = batch_size / n), so the guarantee is for replacing one "
+            "example, which only 'pld' accounts (rdp and prv cover add/remove only); use dp.accountant = 'pld' or 'auto'"
+        )
     if dp.delta <= 0.0:
         raise ConfigError(f"dp.delta = {dp.delta!r}: a DP guarantee needs a delta in (0, 1 / records), e.g. 1e-5")
     if dp.max_grad_norm <= 0.0:
         raise ConfigError(f"dp.max_grad_norm = {dp.max_grad_norm!r}: the clipping norm must be > 0")
     if dp.target_epsilon == 0.0 and dp.noise_multiplier <= 0.0:
         raise ConfigError("dp.noise_multiplier = 0 adds no noise (epsilon = inf); set it > 0 or set dp.target_epsilon")
-    if dp.mode == "sample" and cfg.federation.client_eval:
+    if cfg.federation.client_eval:
         raise ConfigError(
-            "federation.client_eval = true with dp.mode = 'sample': each client's accuracy on its own shard would "
-            "reach the server without noise; turn client_eval off (the global test set is still evaluated)"
+            f"federation.client_eval = true with dp.mode = {dp.mode!r}: each client's accuracy on its own shard would "
+            "be released without noise; turn client_eval off (the global test set is still evaluated)"
         )
     if dp.mode == "sample" and cfg.train.batch_sampling == "shuffle":
         raise ConfigError(

@@ -72,3 +72,17 @@ def runtime(cfg: Config, threads: int | None = None) -> Runtime:
             data = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction)
             _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(cfg, data.num_labels))
         return _RUNTIMES[key]
+
+
+def install_runtime(cfg: Config, data: TextClassificationData) -> Runtime:
+    """Make ``data`` (held in memory, not registered) this process's data for ``cfg``.
+
+    For callers that run the real client code on data sets they build
+    themselves, such as the empirical audit's canary-in and canary-out
+    shards. ``cfg.data.dataset`` must name ``data`` uniquely: it keys the
+    per-process token cache.
+    """
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    with _LOCK:
+        _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(cfg, data.num_labels))
+        return _RUNTIMES[key]

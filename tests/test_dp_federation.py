@@ -1,7 +1,8 @@
 """Differential privacy through real federations: the numbers a user would put in a paper.
 
 Sample level: each client's reported epsilon equals an independent accountant
-(Google dp-accounting) for its own sigma, q and steps; a target epsilon is met
+(Google dp-accounting's PLD, replace-one: shard sizes are public) for its own
+sigma, q and steps; a target epsilon is met
 by every client, closely for the one that spends most. Client level: Flower's
 wrappers noise only what clients train, and the epsilon is the
 sampled-without-replacement Gaussian's.
@@ -15,7 +16,7 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting import rdp
+from dp_accounting import pld
 
 from fedpeft.config import load_config
 from fedpeft.engine import run_engine
@@ -29,9 +30,9 @@ TINY = ['federation.engine="inprocess"', "federation.num_clients=4", "federation
         'data.partition="iid"']
 
 
-def independent_rdp_epsilon(sigma, q, steps, delta):
-    """dp-accounting's RDP for the Poisson-subsampled Gaussian: not the code under test (opacus)."""
-    acc = rdp.RdpAccountant()
+def independent_replace_one_epsilon(sigma, q, steps, delta):
+    """dp-accounting's PLD for the Poisson-subsampled Gaussian under replace-one, built here from scratch."""
+    acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
     acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
     return acc.get_epsilon(delta)
 
@@ -55,7 +56,9 @@ def sample_run(tmp_path_factory):
 def test_sample_level_epsilon_matches_an_independent_accountant(sample_run):
     cfg, summary, metrics = sample_run
     dp = summary["dp"]
-    assert dp["unit"] == "sample" and dp["accountant"] == "rdp" and dp["delta"] == 1e-4
+    assert dp["unit"] == "sample" and dp["accountant"] == "pld" and dp["delta"] == 1e-4
+    assert dp["relation"].startswith("replace-one example")
+    assert "operating system's CSPRNG" in dp["randomness"]
     assert summary["epsilon"] == dp["epsilon"] and summary["delta"] == 1e-4
     rounds = participation(4, 2, cfg.federation.seed, 3)
     assert any(r == 0 for r in rounds.values()) or len(set(rounds.values())) > 1, "schedule too uniform to test"
@@ -67,7 +70,7 @@ def test_sample_level_epsilon_matches_an_independent_accountant(sample_run):
         if steps == 0:
             assert got == 0.0
             continue
-        want = independent_rdp_epsilon(1.3, q, steps, 1e-4)
+        want = independent_replace_one_epsilon(1.3, q, steps, 1e-4)
         assert got == pytest.approx(want, rel=0.01)
     assert dp["epsilon"] == max(dp["epsilon_per_client"].values())
     # Per round: the largest epsilon so far, never decreasing, ending at the summary's.
@@ -90,9 +93,9 @@ def test_sample_level_dp_changes_training_and_keeps_the_payload(sample_run, tmp_
 
 def test_target_epsilon_is_met_by_every_client_and_closely_by_the_worst(tmp_path):
     _, summary, _ = run(tmp_path, "target", ['dp.mode="sample"', "dp.target_epsilon=2.0", "dp.delta=1e-4",
-                                             "data.max_examples_per_client=40", 'dp.accountant="prv"'])
+                                             "data.max_examples_per_client=40"])
     dp = summary["dp"]
-    assert dp["target_epsilon"] == 2.0 and dp["accountant"] == "prv"
+    assert dp["target_epsilon"] == 2.0 and dp["accountant"] == "pld"
     per_client = dp["epsilon_per_client"].values()
     assert all(e <= 2.0 for e in per_client)
     assert max(per_client) >= 0.97 * 2.0

@@ -41,7 +41,12 @@ CLIENT_DP = ['dp.mode="client"', 'dp.clipping="adaptive"', "dp.clipped_count_std
                          ids=["fedit", "fedex-lora", "sample-dp", "client-dp-adaptive"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, extra):
     """DP included: each client's accountant (a fresh process would lose it) and the
-    adaptive clipping norm and noise stream continue where the checkpoint left them."""
+    adaptive clipping norm continue where the checkpoint left them. DP randomness is secret:
+    bit-for-bit equality needs the user's secret (dp.secret_file), from which every round's
+    noise, Poisson draws and sampling follow."""
+    if extra:
+        (tmp_path / "secret").write_text("a secret only the user has")
+        extra = extra + [f'dp.secret_file="{tmp_path / "secret"}"']
     cfg = load_config(None, TINY + [f'strategy.name="{strategy}"'] + extra)
     run_engine(cfg, tmp_path / "whole")
     with pytest.raises(Stop):

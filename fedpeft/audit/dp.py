@@ -6,8 +6,11 @@ clipping at ``dp.max_grad_norm`` and Gaussian noise, through
 does the same on the data it holds: its shard is its audit batch, so every
 step samples each example with probability ``q = 1`` (Poisson, as the
 accountant assumes) and the release the server sees is ``local_steps``
-steps of the Gaussian mechanism without amplification. The epsilon reported
-beside the attack numbers is the accountant's for exactly that release.
+steps of the Gaussian mechanism without amplification. The attacker is told
+the batch size, so the relation is replace-one example; the epsilon reported
+beside the attack numbers is the accountant's for exactly that release. Its
+noise and Poisson draws come from the OS CSPRNG
+(:mod:`fedpeft.privacy.secret`), never from the trial's public seed.
 
 The image victim (:mod:`fedpeft.audit.vision`) runs the same mechanism on its
 images through :func:`dp_image_upload`.
@@ -29,6 +32,7 @@ import torch
 from fedpeft.audit.observe import LocalResult, UploadFn, trainable_restored
 from fedpeft.privacy.accounting import accountant_title, check_delta, compute_epsilon
 from fedpeft.privacy.calibration import calibrate_noise
+from fedpeft.privacy.secret import OS_SECRET
 from fedpeft.privacy.dp_sgd import (
     DPSGD,
     check_private_model,
@@ -41,6 +45,8 @@ from fedpeft.privacy.dp_sgd import (
 
 # The victim's shard is its batch: every example takes part in every step.
 VICTIM_SAMPLE_RATE = 1.0
+# The attacker knows how many examples the victim holds.
+VICTIM_RELATION = "replace-one"
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class VictimDP:
     target_epsilon : float or None
         The calibration target, if any.
     epsilon : float
-        The accountant's epsilon (sample unit) of the observed release.
+        The accountant's epsilon (sample unit, replace-one) of the observed release.
     """
 
     noise_multiplier: float
@@ -85,10 +91,10 @@ class VictimDP:
         target = f", calibrated for epsilon <= {self.target_epsilon:g}" if self.target_epsilon else ""
         return (f"sample-level DP-SGD: sigma = {self.noise_multiplier:.4g}, C = {self.max_grad_norm:g}, "
                 f"q = {self.sample_rate:g}, {self.steps} step(s){target}; {accountant_title(self.accountant)} "
-                f"epsilon = {self.epsilon:.3g} at delta = {self.delta:g}")
+                f"epsilon = {self.epsilon:.3g} (replace-one example) at delta = {self.delta:g}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "unit": "sample", "describe": self.describe()}
+        return {**asdict(self), "unit": "sample", "relation": VICTIM_RELATION, "describe": self.describe()}
 
 
 def victim_dp(dp_cfg, local_steps: int, batch_size: int) -> VictimDP | None:
@@ -105,8 +111,9 @@ def victim_dp(dp_cfg, local_steps: int, batch_size: int) -> VictimDP | None:
     delta = check_delta(dp_cfg.delta, batch_size)
     target = dp_cfg.target_epsilon or None
     q = VICTIM_SAMPLE_RATE
-    sigma = calibrate_noise(target, delta, q, local_steps, dp_cfg.accountant) if target else dp_cfg.noise_multiplier
-    eps = compute_epsilon(sigma, q, local_steps, delta, dp_cfg.accountant)
+    sigma = (calibrate_noise(target, delta, q, local_steps, dp_cfg.accountant, relation=VICTIM_RELATION) if target
+             else dp_cfg.noise_multiplier)
+    eps = compute_epsilon(sigma, q, local_steps, delta, dp_cfg.accountant, VICTIM_RELATION)
     return VictimDP(float(sigma), float(dp_cfg.max_grad_norm), q, local_steps, delta, dp_cfg.accountant, target, float(eps))
 
 
@@ -148,13 +155,13 @@ def _dp_sgd(model, params: dict, batch: dict[str, torch.Tensor], dp: DPSGD, *, l
             seed: int, expected: float | None = None) -> dict[str, np.ndarray]:
     """``steps`` DP-SGD steps with plain SGD (the loop of ``train_steps``); returns the first step's private gradient."""
     n = len(batch["labels"])
-    schedule = poisson_batches(np.arange(n), steps, dp.sample_rate, np.random.default_rng(seed))
+    schedule = poisson_batches(np.arange(n), steps, dp.sample_rate, OS_SECRET.generator("dp-sgd-batches"))
     first: dict[str, np.ndarray] = {}
     model.train()
     with torch.random.fork_rng(devices=[]), grad_sample_module(model) as forward:
         torch.manual_seed(seed)
         opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), dp, expected or dp.sample_rate * n,
-                           torch.Generator().manual_seed(seed))
+                           OS_SECRET.torch_generator("dp-sgd-noise"))
 
         def loss_of(idx):
             sub = {k: v[torch.as_tensor(idx)] for k, v in batch.items()}
@@ -185,14 +192,15 @@ def dp_image_upload(mechanism: DPSGD):
         check_private_model(model)
         params = trainable_tensors(model)
         start = {k: p.detach().clone() for k, p in params.items()}
-        schedule = poisson_batches(np.arange(len(x)), local_steps, mechanism.sample_rate, np.random.default_rng(seed))
+        schedule = poisson_batches(np.arange(len(x)), local_steps, mechanism.sample_rate,
+                                   OS_SECRET.generator("dp-sgd-batches"))
         was_training = model.training
         gsm = GradSampleModule(model, loss_reduction="mean", strict=True)
         first: dict[str, torch.Tensor] = {}
         try:
             gsm.train()  # opacus records activations in training mode only
             opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), mechanism, mechanism.sample_rate * len(x),
-                               torch.Generator().manual_seed(seed))
+                               OS_SECRET.torch_generator("dp-sgd-noise"))
             with warnings.catch_warnings():
                 # The images need no grad, so torch warns; the hooks still see every activation.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")

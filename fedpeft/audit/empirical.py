@@ -32,6 +32,7 @@ measure FPR and FNR, so the interval is not biased by the choice.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
@@ -98,6 +99,11 @@ class EmpiricalAudit:
         all): the ceiling of the audit, however weak the protection.
     details : str
         The release: steps, sample rate, clients.
+    test : str
+        The membership test the adversary chose on the first half of the
+        trials (see :data:`ADVERSARY`).
+    relation : str
+        The neighbouring relation of the two worlds and of the accountant's epsilon.
     """
 
     unit: str
@@ -114,9 +120,21 @@ class EmpiricalAudit:
     false_neg: int
     max_lower: float
     details: str
+    test: str = "score"
+    relation: str = "add-remove"
+
+    @property
+    def has_power(self) -> bool:
+        """Whether these many trials could show a bound above the accountant's epsilon at all."""
+        return self.max_lower > self.epsilon_accountant
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "has_power": self.has_power, "adversary": ADVERSARY}
+
+
+ADVERSARY = ("an honest-but-curious server that knows the code, the config, every trial's public seed and both "
+             "candidate data sets: it replays the mechanism with every public value (exact-replay test), and also "
+             "scores the release against the canary; it picks the stronger test on the first half of the trials")
 
 
 def audit_scores(scores_in: np.ndarray, scores_out: np.ndarray, delta: float, confidence: float = 0.95) -> tuple[float, float, int, int]:
@@ -125,18 +143,36 @@ def audit_scores(scores_in: np.ndarray, scores_out: np.ndarray, delta: float, co
     The threshold maximises the bound on the first half of each side's
     trials; the bound is measured on the second half.
     """
-    scores_in, scores_out = np.asarray(scores_in, dtype=np.float64), np.asarray(scores_out, dtype=np.float64)
-    hi, ho = len(scores_in) // 2, len(scores_out) // 2
-    cal_in, cal_out, ev_in, ev_out = scores_in[:hi], scores_out[:ho], scores_in[hi:], scores_out[ho:]
-    candidates = np.unique(np.concatenate([cal_in, cal_out]))
-    best_t, best = float(candidates[0]) if len(candidates) else 0.0, -1.0
-    for t in candidates:
-        fp, fn = int((cal_out > t).sum()), int((cal_in <= t).sum())
-        value = epsilon_lower_bound(fp, len(cal_out), fn, len(cal_in), delta, confidence)
-        if value > best:
-            best_t, best = float(t), value
-    fp, fn = int((ev_out > best_t).sum()), int((ev_in <= best_t).sum())
-    return epsilon_lower_bound(fp, len(ev_out), fn, len(ev_in), delta, confidence), best_t, fp, fn
+    lower, threshold, fp, fn, _ = best_test({"score": (scores_in, scores_out)}, delta, confidence)
+    return lower, threshold, fp, fn
+
+
+def best_test(candidates: dict[str, tuple[np.ndarray, np.ndarray]], delta: float,
+              confidence: float = 0.95) -> tuple[float, float, int, int, str]:
+    """The strongest of several membership tests: ``(lower bound, threshold, FP, FN, test name)``.
+
+    ``candidates`` maps a test's name to its ``(scores_in, scores_out)``,
+    one score per trial, in trial order. The test and its threshold are
+    chosen on the first half of each side's trials (the adversary may try
+    every test it knows); the bound is measured on the second half only, so
+    the choice does not bias it.
+    """
+    best: tuple[float, float, str] | None = None
+    for name, (scores_in, scores_out) in candidates.items():
+        scores_in, scores_out = np.asarray(scores_in, dtype=np.float64), np.asarray(scores_out, dtype=np.float64)
+        cal_in, cal_out = scores_in[: len(scores_in) // 2], scores_out[: len(scores_out) // 2]
+        candidates_t = np.unique(np.concatenate([cal_in, cal_out]))
+        for t in candidates_t if len(candidates_t) else [0.0]:
+            fp, fn = int((cal_out > t).sum()), int((cal_in <= t).sum())
+            value = epsilon_lower_bound(fp, len(cal_out), fn, len(cal_in), delta, confidence)
+            if best is None or value > best[0]:
+                best = (value, float(t), name)
+    assert best is not None, "best_test needs at least one candidate"
+    _, threshold, name = best
+    scores_in, scores_out = (np.asarray(a, dtype=np.float64) for a in candidates[name])
+    ev_in, ev_out = scores_in[len(scores_in) // 2:], scores_out[len(scores_out) // 2:]
+    fp, fn = int((ev_out > threshold).sum()), int((ev_in <= threshold).sum())
+    return epsilon_lower_bound(fp, len(ev_out), fn, len(ev_in), delta, confidence), threshold, fp, fn, name
 
 
 def _ceiling(trials: int, delta: float, confidence: float) -> float:
@@ -214,24 +250,35 @@ def sample_level_audit(noise_multiplier: float, max_grad_norm: float, *, steps: 
     direction = torch.zeros(2, vocab)
     direction[:, -1] = torch.tensor([-1.0, 1.0]) / math.sqrt(2.0)
 
-    def score(with_canary: bool, trial_seed: int) -> float:
-        rows = regular + ([canary] if with_canary else [])
-        labels = torch.as_tensor(rng.integers(0, 2, size=len(regular)).tolist() + ([0] if with_canary else []))
-        batch = {"input_ids": torch.stack(rows), "attention_mask": torch.ones(len(rows), 4, dtype=torch.int64), "labels": labels}
+    def release(batch, trial_seed: int) -> np.ndarray:
         result = upload(model, batch, lr=lr, local_steps=steps, optimizer="sgd", seed=trial_seed)
-        moved = -(result.after["head.weight"] - model.head.weight.detach().numpy()) / lr  # sum of the steps' private gradients
-        return float((torch.as_tensor(moved) * direction).sum())
+        return -(result.after["head.weight"] - model.head.weight.detach().numpy()) / lr  # sum of the private gradients
+
+    def scores(with_canary: bool, trial_seed: int) -> tuple[float, float]:
+        labels = rng.integers(0, 2, size=len(regular)).tolist()
+        worlds = {}
+        for present in (True, False):
+            rows = regular + ([canary] if present else [])
+            worlds[present] = {"input_ids": torch.stack(rows), "attention_mask": torch.ones(len(rows), 4, dtype=torch.int64),
+                               "labels": torch.as_tensor(labels + ([0] if present else []))}
+        moved = release(worlds[with_canary], trial_seed)
+        # The replaying server: the same code, the same public seed, both worlds.
+        replay_in, replay_out = release(worlds[True], trial_seed), release(worlds[False], trial_seed)
+        replay = float(((moved - replay_out) ** 2).sum() - ((moved - replay_in) ** 2).sum())
+        return float((torch.as_tensor(moved) * direction).sum()), replay
 
     with torch.random.fork_rng(devices=[]):
-        s_in = np.array([score(True, seed * 1_000_003 + 2 * i) for i in range(trials)])
-        s_out = np.array([score(False, seed * 1_000_003 + 2 * i + 1) for i in range(trials)])
-    lower, threshold, fp, fn = audit_scores(s_in, s_out, delta, confidence)
+        t_in = np.array([scores(True, seed * 1_000_003 + 2 * i) for i in range(trials)])
+        t_out = np.array([scores(False, seed * 1_000_003 + 2 * i + 1) for i in range(trials)])
+    candidates = {"canary projection": (t_in[:, 0], t_out[:, 0]), "exact replay": (t_in[:, 1], t_out[:, 1])}
+    lower, threshold, fp, fn, test = best_test(candidates, delta, confidence)
     ceiling = _ceiling(trials, delta, confidence)
     claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
     eps = compute_epsilon(claimed, 1.0, steps, delta, accountant) if claimed > 0 else math.inf
     return EmpiricalAudit("sample", lower, float(eps), accountant, delta, confidence, noise_multiplier, max_grad_norm, trials,
                           threshold, fp, fn, ceiling, f"one victim round: {steps} DP-SGD step(s), q = 1, {others} other examples, "
-                                             "canary inserted / left out (add-remove)")
+                                             "canary inserted / left out (add-remove; the divisor is a constant)",
+                          test=test, relation="add-remove")
 
 
 # --- client level -----------------------------------------------------------------
@@ -242,52 +289,96 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
                        claimed_noise_multiplier: float | None = None) -> EmpiricalAudit:
     """Canary-client audit of one round of central DP (Andrew et al.'s random-direction canaries).
 
-    Each trial draws ``num_clients`` uploads of dimension ``dim`` (random
-    directions of random norm around ``clipping_norm``); in a canary trial
-    the last client's upload is a canary, a random direction of norm
-    ``10 * clipping_norm``. The server samples ``clients_per_round`` clients
-    without replacement, clips each upload to ``clipping_norm`` and averages,
-    and fedpeft's server-side wrapper adds its noise. The score is the
-    cosine of the released aggregate with the canary; in a held-out trial it
-    is the cosine with a fresh canary that never took part. Parameters as in
-    :func:`sample_level_audit`.
+    Each trial is one round ``r`` of fedpeft's server: ``num_clients``
+    uploads of dimension ``dim`` (random directions of random norm around
+    ``clipping_norm``); in a canary trial the last client's upload is a
+    canary, a random direction of norm ``10 * clipping_norm`` (replace-one).
+    The server draws the round's clients as fedpeft's does under client-level
+    DP (:func:`fedpeft.server.sampling.secret_sample_clients`), and the
+    replies go through the real server-side wrapper
+    (:func:`fedpeft.privacy.client_level.wrap_client_dp` around Flower's
+    FedAvg: clipping, mean, secret noise). The adversary knows the code and
+    every public value: it scores the cosine of the released aggregate with
+    the canary, and also replays the server with the public values (its
+    sampling and its noise, on an all-zero round) to subtract that noise and
+    to skip rounds it believes the canary missed. In a held-out trial the
+    canary it scores never took part. Parameters as in :func:`sample_level_audit`.
     """
-    from flwr.app import Array, ArrayRecord
     from flwr.serverapp.strategy import FedAvg
-    from flwr.supercore.differential_privacy import clip_inputs_inplace
 
     from fedpeft.privacy.client_level import client_level_epsilon, wrap_client_dp
+    from fedpeft.privacy.secret import OS_SECRET
+    from fedpeft.server.sampling import secret_sample_clients
 
     dp = SimpleNamespace(clip_on="server", clipping="fixed", max_grad_norm=clipping_norm)
-    server = wrap_client_dp(FedAvg(), dp, noise_multiplier, clients_per_round, ["update"], seed)
     rng = np.random.default_rng([seed, 4242])
+    start = np.zeros(dim, dtype=np.float32)
+
+    def server_round(uploads: np.ndarray, r: int) -> tuple[list[int], np.ndarray]:
+        """One round of the real server path: who was sampled, and the released aggregate."""
+        server = wrap_client_dp(FedAvg(), dp, noise_multiplier, clients_per_round, ["update"], OS_SECRET)
+        chosen = secret_sample_clients(num_clients, clients_per_round, OS_SECRET, r)
+        return chosen, _wrapper_release(server, r, start, [uploads[i].astype(np.float32) for i in chosen])
 
     def unit(n: int) -> np.ndarray:
         v = rng.normal(size=(n, dim))
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
-    def score(with_canary: bool) -> float:
-        uploads = unit(num_clients) * clipping_norm * rng.uniform(0.5, 2.0, size=(num_clients, 1))
+    def cosine(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+    def scores(with_canary: bool, r: int) -> tuple[float, float, float]:
+        without = unit(num_clients) * clipping_norm * rng.uniform(0.5, 2.0, size=(num_clients, 1))
         canary = unit(1)[0]
+        uploads = without.copy()
         if with_canary:
             uploads[-1] = 10.0 * clipping_norm * canary  # replace-one: the canary takes a client's place
-        chosen = rng.choice(num_clients, size=clients_per_round, replace=False)
-        clipped = []
-        for i in chosen:
-            u = [uploads[i].astype(np.float32)]
-            clip_inputs_inplace(u, clipping_norm)
-            clipped.append(u[0])
-        mean = np.mean(clipped, axis=0).astype(np.float32)
-        released = server._add_noise_to_aggregated_arrays(ArrayRecord({"update": Array(mean)}))["update"].numpy()
-        return float(released @ canary / max(np.linalg.norm(released), 1e-30))
+        _, released = server_round(uploads, r)
+        # The replaying adversary: the same server code and public values, in the world without the canary.
+        believed, replay = server_round(without, r)
+        difference = cosine(released - replay, canary)
+        return cosine(released, canary), difference, difference if num_clients - 1 in believed else -2.0
 
-    s_in = np.array([score(True) for _ in range(trials)])
-    s_out = np.array([score(False) for _ in range(trials)])
-    lower, threshold, fp, fn = audit_scores(s_in, s_out, delta, confidence)
+    _set_task_identity()
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.WARNING)  # Flower logs every clipping and aggregation at INFO
+    try:
+        t_in = np.array([scores(True, 2 * i + 1) for i in range(trials)])
+        t_out = np.array([scores(False, 2 * i + 2) for i in range(trials)])
+    finally:
+        flwr_log.setLevel(level)
+    candidates = {"canary cosine": (t_in[:, 0], t_out[:, 0]), "replay difference": (t_in[:, 1], t_out[:, 1]),
+                  "replay difference and sampling": (t_in[:, 2], t_out[:, 2])}
+    lower, threshold, fp, fn, test = best_test(candidates, delta, confidence)
     ceiling = _ceiling(trials, delta, confidence)
     claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
     eps = client_level_epsilon(float(claimed), num_clients, clients_per_round, 1, delta)
     return EmpiricalAudit("client", lower, float(eps), "rdp (replace-one, sampled without replacement)", delta, confidence,
                           noise_multiplier, clipping_norm, trials, threshold, fp, fn, ceiling,
                           f"one round: {clients_per_round} of {num_clients} clients, uploads of dimension {dim}, "
-                          "canary replaces a client / held out")
+                          "canary replaces a client / held out", test=test, relation="replace-one client")
+
+
+def _set_task_identity() -> None:
+    """Flower stamps messages from the process's task identity; outside a runtime, set the server's."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, SUPERLINK_NODE_ID
+
+
+def _wrapper_release(server, server_round: int, current: np.ndarray, uploads: list[np.ndarray]) -> np.ndarray:
+    """What ``server`` (a client-level DP wrapper) releases for ``uploads`` at ``server_round``, through
+    Flower's own ``aggregate_train``: replies clipped against ``current``, averaged, noised."""
+    from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+    server.current_arrays = ArrayRecord({"update": Array(current)})
+    replies = []
+    for node, upload in enumerate(uploads, start=1):
+        sent = Message(RecordDict(), message_type=MessageType.TRAIN, dst_node_id=node)
+        content = RecordDict({"arrays": ArrayRecord({"update": Array(upload)}),
+                              "metrics": MetricRecord({"num-examples": 1})})
+        replies.append(Message(content, reply_to=sent))
+    arrays, _ = server.aggregate_train(server_round, replies)
+    return arrays["update"].numpy().astype(np.float64)

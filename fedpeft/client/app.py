@@ -20,6 +20,7 @@ from fedpeft.engine import quiet_environment
 from fedpeft.privacy import Accountant, create_accountant
 from fedpeft.privacy.client_level import client_clipping_mod
 from fedpeft.privacy.dp_sgd import DPSGD
+from fedpeft.privacy.secret import secret_source
 from fedpeft.runtime import runtime
 from fedpeft.training import evaluate, train_steps
 from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, scalings_of, to_array_record
@@ -27,6 +28,10 @@ from strategies import ClientUpdate, Payload
 
 ACCOUNTANT = "dp-accountant"
 """``Context.state`` key of a client's privacy accountant (sample-level DP)."""
+
+
+RELATION = "replace-one"
+"""Sample-level DP's neighbouring relation: a client's shard size is public (weights, q)."""
 
 
 def client_accountant(context: Context, name: str, prior: tuple[float, float, int]) -> Accountant:
@@ -37,10 +42,10 @@ def client_accountant(context: Context, name: str, prior: tuple[float, float, in
     fresh process) restarts from that record instead of from zero.
     """
     saved = context.state.config_records.get(ACCOUNTANT)
-    accountant = create_accountant(name, dict(saved) if saved is not None else None)
+    accountant = create_accountant(name, dict(saved) if saved is not None else None, relation=RELATION)
     sigma, q, steps = prior
     if accountant.steps < steps:
-        accountant = create_accountant(name).step(sigma, q, steps)
+        accountant = create_accountant(name, relation=RELATION).step(sigma, q, steps)
     return accountant
 
 
@@ -100,14 +105,17 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
             seed=client_seed(conf.federation.seed, server_round, cid),
             sampling=batch_sampling(conf),
             dp=dp,
+            secret=secret_source(conf.dp) if dp is not None else None,
         )
         if accountant is not None:
             accountant.step(dp.noise_multiplier, dp.sample_rate, t.local_steps)
             context.state[ACCOUNTANT] = ConfigRecord(accountant.state_dict())
+        if conf.dp.mode != "none":
             # Only what the mechanism covers leaves the client: the loss and the Poisson
             # batch sizes are computed from its data without noise.
-            metrics = {"steps": metrics["steps"], "dp-epsilon": accountant.epsilon(conf.dp.delta),
-                       "dp-steps": accountant.steps}
+            metrics = {"steps": metrics["steps"]}
+        if accountant is not None:
+            metrics.update({"dp-epsilon": accountant.epsilon(conf.dp.delta), "dp-steps": accountant.steps})
         local = rt.model.payload()
         update = ClientUpdate(client_id=str(cid), factors=local.factors, num_examples=len(shard), extras=local.extras)
         if conf.dp.mode == "client":

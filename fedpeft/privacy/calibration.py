@@ -30,7 +30,7 @@ MIN_NOISE_MULTIPLIER = 1e-2
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str = "rdp", *, rtol: float = 0.005) -> float:
+                    accountant: str = "rdp", *, rtol: float = 0.005, relation: str = "add-remove") -> float:
     """The smallest noise multiplier whose epsilon after ``steps`` steps is <= the target.
 
     Parameters
@@ -48,6 +48,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         Registered accountant that will report the epsilon (``dp.accountant``).
     rtol : float
         Stop once ``epsilon >= (1 - rtol) * target_epsilon``.
+    relation : {"add-remove", "replace-one"}
+        The neighbouring relation of the guarantee.
 
     Returns
     -------
@@ -72,11 +74,11 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 
     def eps(sigma: float) -> float:
         try:
-            return compute_epsilon(sigma, q, steps, delta, accountant)
+            return compute_epsilon(sigma, q, steps, delta, accountant, relation)
         except PRVGridTooLarge:  # only happens with little noise: far above any sane target
             return math.inf
 
-    return smallest_noise_multiplier(eps, target, rtol, f"delta={delta:g}, q={q:g}, {steps} steps")
+    return smallest_noise_multiplier(eps, target, rtol, f"delta={delta:g}, q={q:g}, {steps} steps, {relation}")
 
 
 def smallest_noise_multiplier(eps: Callable[[float], float], target: float, rtol: float = 0.005,

@@ -23,6 +23,10 @@ three things Flower leaves out:
   aggregate; a factor no client trains (FFA-LoRA's ``A``) carries no data,
   and noising it would destroy the rule's point. The wrappers here add the
   same noise to the private arrays only.
+* **Secret noise.** Flower draws from numpy's global generator; fedpeft
+  draws each round's noise (and the adaptive clipped-count noise) from
+  :mod:`fedpeft.privacy.secret`, never from the public seed, so a reader of
+  the run folder cannot regenerate the noise and subtract it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from fedpeft.privacy.accounting import check_delta, check_noise_multiplier
 from fedpeft.privacy.calibration import smallest_noise_multiplier
+from fedpeft.privacy.secret import OS_SECRET, SecretSource
 
 __all__ = ["client_level_epsilon", "calibrate_client_noise", "wrap_client_dp", "client_clipping_mod"]
 
@@ -93,8 +98,8 @@ def calibrate_client_noise(target_epsilon: float, delta: float, num_clients: int
 
 
 class _NoisePrivateArraysOnly:
-    """Mixin over a Flower DP wrapper: noise on ``private_keys`` only, from a seeded
-    generator, scaled to the clipping norm the round's updates were clipped with.
+    """Mixin over a Flower DP wrapper: noise on ``private_keys`` only, from the secret
+    source, scaled to the clipping norm the round's updates were clipped with.
 
     Two fixes to Flower 1.41's adaptive wrappers (Andrew et al. 2021):
 
@@ -110,7 +115,15 @@ class _NoisePrivateArraysOnly:
     """
 
     private_keys: frozenset[str] = frozenset()
+    secret: SecretSource = OS_SECRET
+    round_offset: int = 0
     noise_rng: np.random.Generator
+
+    def aggregate_train(self, server_round: int, replies):
+        # One fresh secret stream per round: nothing to store, and with a user secret a resumed run
+        # draws the same noise as one that never stopped.
+        self.noise_rng = self.secret.generator("server-noise", self.round_offset + server_round)
+        return super().aggregate_train(server_round, replies)
 
     def _geometric_update(self, clipped_fraction: float) -> None:
         self.round_clipping_norm = self.clipping_norm
@@ -149,7 +162,8 @@ _WRAPPERS = {
 }
 
 
-def wrap_client_dp(strategy, dp, noise_multiplier: float, clients_per_round: int, private_keys, seed: int):
+def wrap_client_dp(strategy, dp, noise_multiplier: float, clients_per_round: int, private_keys,
+                   secret: SecretSource | None = None, round_offset: int = 0):
     """``strategy`` (a Flower strategy) inside the Flower central-DP wrapper ``dp`` asks for.
 
     Parameters
@@ -165,9 +179,10 @@ def wrap_client_dp(strategy, dp, noise_multiplier: float, clients_per_round: int
         Clients sampled each round (Flower's ``num_sampled_clients``).
     private_keys : iterable of str
         Array keys that clients train and upload: the only ones noised.
-    seed : int
-        Seeds the noise, so a run is repeatable. (A deployment would use a
-        cryptographically secure source instead.)
+    secret : fedpeft.privacy.secret.SecretSource, optional
+        Where the noise comes from (the OS CSPRNG when None); never the public seed.
+    round_offset : int
+        Rounds done before this start (a resumed run), so noise keys stay absolute.
     """
     cls = _WRAPPERS[(dp.clip_on, dp.clipping)]
     if dp.clipping == "fixed":
@@ -183,7 +198,9 @@ def wrap_client_dp(strategy, dp, noise_multiplier: float, clients_per_round: int
             clipped_count_stddev=dp.clipped_count_stddev or None,
         )
     wrapper.private_keys = frozenset(private_keys)
-    wrapper.noise_rng = np.random.default_rng([seed, 7727])
+    wrapper.secret = secret or OS_SECRET
+    wrapper.round_offset = int(round_offset)
+    wrapper.noise_rng = wrapper.secret.generator("server-noise", 0)
     return wrapper
 
 

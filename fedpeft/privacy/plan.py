@@ -1,10 +1,12 @@
 """A run's DP plan, fixed before the first round: who takes how many private steps, with what noise.
 
-Client sampling is seeded, so the whole participation schedule is known up
-front. That lets ``dp.target_epsilon`` be met exactly for the client that
-spends the most (sample level: the most DP-SGD steps at the largest sampling
-rate among clients with that many steps; client level: every round), instead
-of a bound that assumes every client trains every round.
+Under sample-level DP client sampling is seeded and public (no amplification
+by it is claimed), so the whole participation schedule is known up front.
+That lets ``dp.target_epsilon`` be met exactly for the client that spends
+the most (the most DP-SGD steps at the largest sampling rate among clients
+with that many steps), instead of a bound that assumes every client trains
+every round. Under client-level DP the sampling is secret
+(:mod:`fedpeft.privacy.secret`) and the plan covers every round.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ class DPPlan:
         ``{-1: num_rounds}``.
     num_clients, clients_per_round : int
         The federation, for client-level accounting.
+    relation : str
+        The neighbouring relation the epsilon is for: sample level
+        ``"replace-one"`` (a client's shard size is public: it sets the
+        aggregation weight and ``q``), client level ``"replace-one"`` client
+        (a fixed number of clients is sampled each round).
+    local_steps : int
+        Sample level: DP-SGD steps a client takes per round (``train.local_steps``).
     """
 
     unit: str
@@ -61,6 +70,8 @@ class DPPlan:
     planned_steps: dict[int, int]
     num_clients: int
     clients_per_round: int
+    relation: str = "replace-one"
+    local_steps: int = 0
 
     def epsilon_after(self, client: int, steps: int) -> float:
         """Epsilon of ``client`` (sample level) or of any client (client level: ``steps`` = rounds)."""
@@ -69,7 +80,8 @@ class DPPlan:
                                         self.delta)
         if steps == 0:
             return 0.0
-        return compute_epsilon(self.noise_multiplier, self.sample_rates[client], steps, self.delta, self.accountant)
+        return compute_epsilon(self.noise_multiplier, self.sample_rates[client], steps, self.delta, self.accountant,
+                               self.relation)
 
     def planned_epsilon(self) -> float:
         """The largest epsilon any client reaches if the run completes."""
@@ -81,7 +93,7 @@ class DPPlan:
             how = (f"client-level DP, {self.clients_per_round} of {self.num_clients} clients per round "
                    f"(replace-one, sampled without replacement)")
         else:
-            how = "sample-level DP-SGD, Poisson batches"
+            how = "sample-level DP-SGD, Poisson batches (replace-one example; shard sizes public)"
         target = f", calibrated for epsilon <= {self.target_epsilon:g}" if self.target_epsilon else ""
         return (f"{how}: sigma = {self.noise_multiplier:.4g}, C = {self.max_grad_norm:g}, delta = {self.delta:g}, "
                 f"{accountant_title(self.accountant)} accountant{target}")
@@ -130,8 +142,14 @@ def make_dp_plan(cfg, shard_sizes: list[int]) -> DPPlan | None:
     steps = {c: cfg.train.local_steps * rounds[c] for c in range(n)}
     sigma = dp.noise_multiplier
     if target:
-        sigma = max(_calibrated(target, dp.delta, rates[c], steps[c], dp.accountant) for c in range(n) if steps[c])
-    return DPPlan("sample", dp.accountant, dp.delta, sigma, dp.max_grad_norm, target, rates, steps, n, m)
+        # The noise a client needs grows with its rate: per step count, only the largest rate matters.
+        worst: dict[int, float] = {}
+        for c in range(n):
+            if steps[c]:
+                worst[steps[c]] = max(worst.get(steps[c], 0.0), rates[c])
+        sigma = max(_calibrated(target, dp.delta, q, k, dp.accountant) for k, q in worst.items())
+    return DPPlan("sample", dp.accountant, dp.delta, sigma, dp.max_grad_norm, target, rates, steps, n, m,
+                  local_steps=cfg.train.local_steps)
 
 
 def _check_count_noise(sigma: float, count_stddev: float) -> None:
@@ -148,4 +166,4 @@ def _check_count_noise(sigma: float, count_stddev: float) -> None:
 @lru_cache(maxsize=1024)
 def _calibrated(target: float, delta: float, rate: float, steps: int, accountant: str) -> float:
     # Clients with the same shard size and participation share one search.
-    return calibrate_noise(target, delta, rate, steps, accountant)
+    return calibrate_noise(target, delta, rate, steps, accountant, relation="replace-one")

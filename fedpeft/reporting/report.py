@@ -238,7 +238,7 @@ def _rounds(metrics: Metrics) -> list[str]:
     columns += [(title, fn) for key, title, fn in optional if has_values(metrics, key)]
     align = ["--:"] * len(columns)
     if any(failed_clients(m) for m in metrics):
-        columns.append(("Failed clients", lambda m: ", ".join(str(f.get("client")) for f in failed_clients(m))))
+        columns.append(("Failed clients", lambda m: ", ".join(str(f.get("client", "?")) for f in failed_clients(m))))
         align.append("---")
     rows = [[fn(m) for _, fn in columns] for m in metrics]
     return _table([title for title, _ in columns], rows, align)
@@ -253,6 +253,7 @@ def _privacy_section(dp: Mapping[str, Any] | None) -> list[str]:
         ["Protected unit", f"{unit}; neighbouring datasets: {dp.get('relation', MISSING)}"],
         ["Mechanism", dp.get("mechanism", MISSING)],
         ["Accountant", dp.get("accountant", MISSING)],
+        ["Randomness", dp.get("randomness", MISSING)],
         ["δ", f"{dp['delta']:g}"],
         ["Noise multiplier σ" + (" (calibrated)" if dp.get("target_epsilon") else ""), f"{dp['noise_multiplier']:.4g}"],
         ["Clipping norm C", f"{dp['max_grad_norm']:g}"],

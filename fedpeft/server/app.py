@@ -19,6 +19,7 @@ from fedpeft.config import Config, client_ranks, config_from_run_config
 from fedpeft.engine import quiet_environment
 from fedpeft.runtime import Runtime, runtime
 from fedpeft.privacy.client_level import wrap_client_dp
+from fedpeft.privacy.secret import secret_source
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload
 from fedpeft.server.privacy_log import dp_checkpoint, restore_wrapper, round_privacy, run_privacy
 from fedpeft.server.run_folder import RunFolder, default_run_dir, machine_description
@@ -94,15 +95,17 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         progress, history = {"round": 0, "cum_bytes_up": 0, "cum_bytes_down": 0, "wall_s": 0.0}, []
     done = progress["round"]
     node_ids = discover_clients(grid, cfg.federation.num_clients)
-    # Accuracy on a client's own shard is not privatised: under sample-level DP it stays on the client.
-    client_eval = (cfg.federation.client_eval or strategy.personalised) and cfg.dp.mode != "sample"
+    # Accuracy on a client's own shard is not privatised: under DP it stays on the client.
+    client_eval = (cfg.federation.client_eval or strategy.personalised) and plan is None
     dp_progress = progress.get("dp", {})
+    secret = secret_source(cfg.dp) if plan is not None else None
     flower = FlowerLoRAStrategy(strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval, done,
-                                dp_plan=plan, dp_steps=dp_progress.get("steps"), dp_epsilon=dp_progress.get("epsilon"))
+                                dp_plan=plan, dp_steps=dp_progress.get("steps"), dp_epsilon=dp_progress.get("epsilon"),
+                                secret=secret)
     outer = flower
     if plan is not None and plan.unit == "client":
         outer = wrap_client_dp(flower, cfg.dp, plan.noise_multiplier, cfg.clients_per_round, flower.private_keys(),
-                               cfg.federation.seed)
+                               secret, round_offset=done)
         restore_wrapper(outer, dp_progress.get("wrapper"))
     totals = {"up": progress["cum_bytes_up"], "down": progress["cum_bytes_down"]}
 
@@ -128,7 +131,8 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
             "bytes_down": down,
             "cum_bytes_up": totals["up"],
             "cum_bytes_down": totals["down"],
-            "clients": log_.clients if log_ else [],
+            # Under client-level DP who was sampled is secret (the accountant's amplification rests on it).
+            "clients": None if flower.client_dp else (log_.clients if log_ else []),
             "failed": log_.failed if log_ else [],
             **(_client_accuracy(log_) if flower.client_eval else {}),
             **round_privacy(plan, flower, log_, server_round),
@@ -174,7 +178,7 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         "full_finetune_bytes_per_round": 2 * cfg.clients_per_round * rt.model.full_model_nbytes(),
         "trainable_params": rt.model.trainable_params,
         "total_params": rt.model.total_params,
-        **run_privacy(plan, flower, history),
+        **run_privacy(plan, flower, history, secret),
         "wall_s": elapsed(),
         "seed": cfg.federation.seed,
         "machine": machine_description(),

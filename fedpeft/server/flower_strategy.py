@@ -20,7 +20,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
-from fedpeft.server.sampling import sample_clients
+from fedpeft.privacy.secret import OS_SECRET, SecretSource
+from fedpeft.server.sampling import sample_clients, secret_sample_clients
 from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, nbytes, payload_config, to_array_record
 from strategies import Payload, ServerState
 from strategies import Strategy as LoRAStrategy
@@ -100,12 +101,28 @@ class FlowerLoRAStrategy(FlowerStrategy):
         adopts the noised arrays the wrapper releases as the new state.
     dp_steps, dp_epsilon : dict, optional
         DP-SGD steps and epsilon of each client before this start (a resumed run).
+    secret : fedpeft.privacy.secret.SecretSource, optional
+        Client level: the secret source of the client sampling, whose
+        amplification the accountant claims (the OS CSPRNG when None).
+
+    Notes
+    -----
+    Under client-level DP nothing computed from an individual upload is
+    kept for release: no train loss, no aggregation error, no client ids
+    (who was sampled is secret). A sampled client whose reply is missing or
+    rejected counts as a zero update, so the mean stays the sum of ``m``
+    clipped updates over ``m``, the sensitivity the noise is scaled for.
+    Under sample-level DP every sampled client's spend is recorded, from
+    its reply or, when the reply is lost, as the full ``local_steps`` it
+    may have taken.
     """
 
     def __init__(self, strategy: LoRAStrategy, state: ServerState, node_ids: dict[int, int], clients_per_round: int,
                  seed: int, client_eval: bool = False, round_offset: int = 0, dp_plan=None,
-                 dp_steps: dict[int, int] | None = None, dp_epsilon: dict[int, float] | None = None):
+                 dp_steps: dict[int, int] | None = None, dp_epsilon: dict[int, float] | None = None,
+                 secret: SecretSource | None = None):
         self.dp_plan = dp_plan
+        self.secret = secret or OS_SECRET
         self.dp_steps = {int(c): int(s) for c, s in (dp_steps or {}).items()}
         self.dp_epsilon = {int(c): float(e) for c, e in (dp_epsilon or {}).items()}
         self.client_dp = dp_plan is not None and dp_plan.unit == "client"
@@ -118,6 +135,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
         self.seed = seed
         self.rounds: dict[int, RoundLog] = {}
         self._client_of_node = {n: c for c, n in node_ids.items()}
+        self._sent_steps: dict[tuple[int, int], int] = {}  # (round, client) -> DP-SGD steps on record when sent
 
     def summary(self) -> None:
         log(INFO, "\t├──> fedpeft strategy: %s", self.strategy.describe())
@@ -150,10 +168,17 @@ class FlowerLoRAStrategy(FlowerStrategy):
         extras = ("extra/",) if self.strategy.upload_extras else ()
         return {k for k in global_payload(self.state).arrays() if k.startswith(parts + extras)}
 
+    def sample(self, server_round: int) -> list[int]:
+        """The clients of ``server_round``: seeded and public, or secret under client-level DP."""
+        n, m = len(self.node_ids), self.clients_per_round
+        if self.client_dp:
+            return secret_sample_clients(n, m, self.secret, server_round)
+        return sample_clients(n, m, self.seed, server_round)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self.adopt(arrays)
-        clients = sample_clients(len(self.node_ids), self.clients_per_round, self.seed, server_round)
+        clients = self.sample(server_round)
         log_ = self.rounds[server_round] = RoundLog(clients=clients)
         messages = []
         for cid in clients:
@@ -162,47 +187,84 @@ class FlowerLoRAStrategy(FlowerStrategy):
             train_config = ConfigRecord({**dict(config), "server-round": server_round})
             if self.dp_plan is not None and self.dp_plan.unit == "sample":
                 train_config["dp-noise-multiplier"] = float(self.dp_plan.noise_multiplier)
-                train_config["dp-prior-steps"] = self.dp_steps.get(cid, 0)
+                train_config["dp-prior-steps"] = self._sent_steps[(server_round, cid)] = self.dp_steps.get(cid, 0)
             messages.append(payload_message(payload, train_config, MessageType.TRAIN, self.node_ids[cid]))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         log_ = self.rounds.setdefault(server_round, RoundLog())
-        updates, losses, weights = [], [], []
+        updates, losses, weights, answered, lost = [], [], [], set(), set()
         for msg in replies:
             cid = self._client_of_node.get(msg.metadata.src_node_id, msg.metadata.src_node_id)
+            answered.add(cid)
             if msg.has_error():
-                log_.failed.append({"client": cid, "reason": msg.error.reason})
+                log_.failed.append(self._failure(cid, msg.error.reason))
+                lost.add(cid)
                 continue
             arrays = from_array_record(msg.content[ARRAYS])
             metrics = dict(msg.content[METRICS])
+            self._record_spend(cid, metrics)
             # Client-level DP calibrates its noise to a uniform mean: every client counts once.
             n = 1 if self.client_dp else int(metrics["num-examples"])
             try:
                 update = self.strategy.receive(self.state, str(cid), self.uploaded(arrays), n, metrics=metrics)
             except ValueError as exc:  # a malformed upload is rejected, not aggregated
-                log_.failed.append({"client": cid, "reason": f"rejected: {exc}"})
+                log_.failed.append(self._failure(cid, f"rejected: {exc}"))
                 continue
             log_.bytes_up += nbytes(arrays)
             if "dp-epsilon" in metrics:
-                log_.epsilon[int(cid)] = self.dp_epsilon[int(cid)] = float(metrics["dp-epsilon"])
-                self.dp_steps[int(cid)] = int(metrics["dp-steps"])
+                log_.epsilon[int(cid)] = self.dp_epsilon[int(cid)]
             updates.append(update)
             losses.append(float(metrics.get("train_loss", np.nan)))
             weights.append(n)
+        for cid in sorted(set(log_.clients) - answered):  # sampled, but no reply at all
+            log_.failed.append(self._failure(cid, "no reply"))
+            lost.add(cid)
+        self._record_lost_spend(server_round, lost)
         if not updates:
-            reasons = "; ".join(f"client {f['client']}: {f['reason']}" for f in log_.failed) or "no replies"
+            reasons = "; ".join(f"client {f.get('client', '?')}: {f['reason']}" for f in log_.failed) or "no replies"
             raise RuntimeError(f"round {server_round}: every client failed ({reasons})")
+        if self.client_dp:
+            updates += self._zero_updates(self.clients_per_round - len(updates))
         before, self.state = self.state, self.strategy.aggregate(self.state, updates)
+        if self.client_dp:
+            # The clean aggregate's distance from the exact mean, or any client's loss, is computed
+            # from individual uploads without noise: none of it may be released.
+            return to_array_record(global_payload(self.state).arrays()), MetricRecord({})
         log_.aggregation_error = aggregation_error(before, self.state, updates, self.strategy.weights(updates))
         w = np.asarray(weights, dtype=np.float64)
-        known = np.isfinite(losses)  # sample-level DP clients keep their loss to themselves
+        known = np.isfinite(losses)  # DP clients keep their loss to themselves
         if known.any():
             kw = w[known]
             log_.train_loss = float(np.average(np.asarray(losses)[known], weights=kw if kw.sum() > 0 else None))
         metrics = MetricRecord({"train_loss": log_.train_loss} if log_.train_loss is not None else {})
         return to_array_record(global_payload(self.state).arrays()), metrics
+
+    def _failure(self, cid, reason: str) -> dict:
+        """A failed client's line in the metrics; under client-level DP without its id (sampling is secret)."""
+        return {"reason": reason} if self.client_dp else {"client": cid, "reason": reason}
+
+    def _record_spend(self, cid, metrics: dict) -> None:
+        """Sample level: the client's own account of its steps, rejected replies included."""
+        if "dp-steps" in metrics:
+            self.dp_steps[int(cid)] = int(metrics["dp-steps"])
+            self.dp_epsilon[int(cid)] = float(metrics["dp-epsilon"])
+
+    def _record_lost_spend(self, server_round: int, lost: set) -> None:
+        """Sample level: a client whose reply was lost may still have taken every step; count them."""
+        if self.dp_plan is None or self.dp_plan.unit != "sample":
+            return
+        for cid in lost:
+            steps = self._sent_steps.get((server_round, int(cid)), 0) + self.dp_plan.local_steps
+            if steps > self.dp_steps.get(int(cid), 0):
+                self.dp_steps[int(cid)] = steps
+                self.dp_epsilon[int(cid)] = self.dp_plan.epsilon_after(int(cid), steps)
+
+    def _zero_updates(self, count: int) -> list:
+        """Client level: ``count`` updates equal to the global arrays (a missing client adds nothing)."""
+        arrays = self.uploaded(global_payload(self.state).arrays())
+        return [self.strategy.receive(self.state, f"absent-{i}", arrays, 1) for i in range(count)]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """With ``client_eval``, every client evaluates the model it would use on its own shard."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedpeft.privacy.plan import DPPlan
+from fedpeft.privacy.secret import OS_SECRET
 
 
 def round_privacy(plan: DPPlan | None, flower, log_, server_round: int) -> dict[str, Any]:
@@ -25,11 +26,12 @@ def round_privacy(plan: DPPlan | None, flower, log_, server_round: int) -> dict[
     }
 
 
-def run_privacy(plan: DPPlan | None, flower, history: list[dict[str, Any]]) -> dict[str, Any]:
+def run_privacy(plan: DPPlan | None, flower, history: list[dict[str, Any]], secret=None) -> dict[str, Any]:
     """``epsilon``, ``delta`` and the ``dp`` block of ``summary.json``."""
     if plan is None:
         return {"epsilon": None, "delta": None, "dp": None}
     block: dict[str, Any] = {
+        "randomness": (secret or OS_SECRET).describe(),
         "unit": plan.unit,
         "accountant": plan.accountant,
         "delta": plan.delta,
@@ -49,7 +51,7 @@ def run_privacy(plan: DPPlan | None, flower, history: list[dict[str, Any]]) -> d
             # Every client is protected by the same mechanism: one epsilon each.
             epsilon_per_client={str(c): epsilon for c in range(plan.num_clients)},
             relation="replace-one client",
-            sampling=f"{plan.clients_per_round} of {plan.num_clients} clients per round, without replacement",
+            sampling=f"{plan.clients_per_round} of {plan.num_clients} clients per round, without replacement, secret",
             noised_arrays=sorted(flower.private_keys()),
         )
     else:
@@ -63,8 +65,8 @@ def run_privacy(plan: DPPlan | None, flower, history: list[dict[str, Any]]) -> d
             epsilon_per_client={str(c): e for c, e in per_client.items()},
             steps_per_client={str(c): flower.dp_steps.get(c, 0) for c in range(plan.num_clients)},
             sample_rate_per_client={str(c): q for c, q in plan.sample_rates.items()},
-            relation="add/remove one example of a client's shard",
-            sampling="Poisson batches",
+            relation="replace-one example of a client's shard (shard sizes are public)",
+            sampling="Poisson batches, secret",
         )
     return {"epsilon": block["epsilon"], "delta": plan.delta, "dp": block}
 
@@ -76,14 +78,13 @@ def dp_checkpoint(flower, wrapper) -> dict[str, Any]:
         "epsilon": {str(c): e for c, e in flower.dp_epsilon.items()},
     }
     if wrapper is not flower:
-        out["wrapper"] = {"clipping_norm": float(wrapper.clipping_norm),
-                          "noise_rng": wrapper.noise_rng.bit_generator.state}
+        # The adaptive norm is a noised release, safe to keep; the noise stream is secret and is not stored.
+        out["wrapper"] = {"clipping_norm": float(wrapper.clipping_norm)}
     return out
 
 
 def restore_wrapper(wrapper, saved: dict[str, Any] | None) -> None:
-    """Put a client-level DP wrapper back where the checkpoint left it (adaptive norm, noise stream)."""
+    """Put a client-level DP wrapper back where the checkpoint left it (the adaptive norm)."""
     if not saved:
         return
     wrapper.clipping_norm = float(saved["clipping_norm"])
-    wrapper.noise_rng.bit_generator.state = saved["noise_rng"]

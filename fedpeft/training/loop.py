@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fedpeft.privacy.dp_sgd import DPSGD, dp_optimizer, grad_sample_module, per_sample_loss, poisson_batches, private_steps
+from fedpeft.privacy.secret import OS_SECRET, SecretSource
 from fedpeft.training.batches import EncodedSplit
 
 
@@ -37,21 +38,26 @@ def batch_schedule(indices: np.ndarray, steps: int, batch_size: int, rng: np.ran
 
 
 def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, batch_size: int, lr: float,
-                weight_decay: float, seed: int, sampling: str = "shuffle", dp: DPSGD | None = None) -> dict[str, float]:
+                weight_decay: float, seed: int, sampling: str = "shuffle", dp: DPSGD | None = None,
+                secret: SecretSource | None = None) -> dict[str, float]:
     """Run ``steps`` AdamW steps on the trainable parameters; returns train metrics.
 
-    Batches and dropout depend only on ``seed``, so a client's work is
-    reproducible whichever worker process runs it. ``sampling`` is
-    ``"shuffle"`` (epochs without replacement, fixed batch size) or
-    ``"poisson"`` (each example independently, rate ``batch_size / n``).
-    With ``dp`` the steps are DP-SGD (opacus per-sample clipping and noise
-    on Poisson batches at ``dp.sample_rate``).
+    Without ``dp``, batches and dropout depend only on ``seed``, so a
+    client's work is reproducible whichever worker process runs it.
+    ``sampling`` is ``"shuffle"`` (epochs without replacement, fixed batch
+    size) or ``"poisson"`` (each example independently, rate
+    ``batch_size / n``). With ``dp`` the steps are DP-SGD (opacus per-sample
+    clipping and noise on Poisson batches at ``dp.sample_rate``), and the
+    Poisson draws and the noise come from ``secret`` (the OS CSPRNG when
+    None), never from ``seed``: the seed is public, and whoever knows a
+    mechanism's randomness can subtract it.
     """
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if dp is not None:
-        schedule = poisson_batches(indices, steps, dp.sample_rate, rng)
+        secret = secret or OS_SECRET
+        schedule = poisson_batches(indices, steps, dp.sample_rate, secret.generator("dp-sgd-batches", seed))
     elif sampling == "poisson":
         schedule = poisson_batches(indices, steps, min(1.0, batch_size / len(indices)), rng)
     else:
@@ -64,7 +70,7 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
             forward = stack.enter_context(grad_sample_module(model))
             # Divide by the configured batch size (q * n when n >= it), a public
             # constant: a divisor that depends on the shard would itself leak.
-            optimizer = dp_optimizer(optimizer, dp, batch_size, torch.Generator().manual_seed(seed))
+            optimizer = dp_optimizer(optimizer, dp, batch_size, secret.torch_generator("dp-sgd-noise", seed))
 
             def private_loss(batch_idx):
                 batch = split.batch(batch_idx, task)
