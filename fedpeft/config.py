@@ -74,6 +74,8 @@ class PeftConfig:
     rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
     client_ranks: list = _f([], "per-client LoRA ranks, e.g. [4, 8, 16] ([] = every client uses r)")
     rank_assignment: str = _f("round_robin", "how client_ranks are given out", choices=("round_robin", "random"))
+    modules_to_save: list = _f([], "modules trained in full and sent with the adapter, e.g. [\"classifier\"] "
+                                   "([] = the model's task head: pooler.dense + classifier for MiniLM)")
 
 
 @dataclass
@@ -289,10 +291,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.name = {cfg.model.name!r} is not valid; choose one of: {', '.join(available_models())}")
     if not all(isinstance(m, str) and m for m in cfg.peft.target_modules):
         raise ConfigError(f"peft.target_modules must be a list of module names, got {cfg.peft.target_modules!r}")
-    if not cfg.peft.target_modules:  # resolved here so summary.json names the real modules
-        from fedpeft.models import get_model_spec
+    if not all(isinstance(m, str) and m for m in cfg.peft.modules_to_save):
+        raise ConfigError(f"peft.modules_to_save must be a list of module names, got {cfg.peft.modules_to_save!r}")
+    from fedpeft.models import get_model_spec
 
+    if not cfg.peft.target_modules:  # resolved here so summary.json names the real modules
         cfg.peft.target_modules = list(get_model_spec(cfg.model.name).default_targets)
+    if not cfg.peft.modules_to_save:
+        cfg.peft.modules_to_save = list(get_model_spec(cfg.model.name).head_modules)
     strategy = build_strategy(cfg)
     ranks = cfg.peft.client_ranks
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):

@@ -100,7 +100,8 @@ _LOCK = threading.Lock()
 
 def _key(cfg: Config, num_labels: int) -> tuple:
     p = cfg.peft
-    return (cfg.model.name, cfg.model.dropout, num_labels, max_rank(cfg), p.alpha, tuple(p.target_modules), p.dropout, p.rslora, cfg.federation.seed)
+    return (cfg.model.name, cfg.model.dropout, num_labels, max_rank(cfg), p.alpha, tuple(p.target_modules), p.dropout, p.rslora,
+            tuple(p.modules_to_save), cfg.federation.seed)
 
 
 def resident_model(cfg: Config, num_labels: int) -> ResidentModel:
@@ -131,7 +132,7 @@ def load_resident_model(cfg: Config, num_labels: int) -> ResidentModel:
         dropout=cfg.peft.dropout,
         rslora=cfg.peft.rslora,
         seed=cfg.federation.seed,
-        head_modules=spec.head_modules,
+        head_modules=tuple(cfg.peft.modules_to_save) or spec.head_modules,
     )
     resident = ResidentModel(
         model=model, tokenizer=tokenizer, task=spec.task, scalings=module_scalings(model), total_params=total, rank=max_rank(cfg)
