@@ -150,8 +150,8 @@ def test_overrides_on_a_user_file(tmp_path):
     assert cfg.federation.num_clients == 3
     assert cfg.train.lr == 0.25
     # Sections absent from the file take the dataclass defaults, with the
-    # model's default LoRA targets resolved.
-    assert cfg.peft == type(cfg.peft)(target_modules=["query", "value"])
+    # model's default LoRA targets and head resolved.
+    assert cfg.peft == type(cfg.peft)(target_modules=["query", "value"], modules_to_save=["pooler.dense", "classifier"])
 
 
 def test_config_from_run_config():

@@ -78,23 +78,29 @@ def test_poisson_batches_have_the_planned_rate_and_may_be_empty():
     assert any(len(b) == 0 for b in tiny)
 
 
-def test_dp_training_is_seeded_and_noise_changes_the_result(rt):
-    rt.model.set_payload(rt.model.initial)
+def test_dp_training_is_secret_unless_the_user_supplies_the_secret(rt):
+    """The seed is public: it must not fix DP-SGD's batches or noise. Only a user's secret does."""
+    from fedpeft.privacy.secret import SecretSource
+
     split, _ = rt.splits
     shard = rt.shards[0][:64]
 
-    def run(seed, sigma):
+    def run(seed, secret=None):
         rt.model.set_payload(rt.model.initial)
         m = train_steps(rt.model.model, split, shard, task=rt.model.task, steps=3, batch_size=8, lr=1e-2,
-                        weight_decay=0.0, seed=seed, dp=DPSGD(sigma, 1.0, 8 / 64))
+                        weight_decay=0.0, seed=seed, dp=DPSGD(1.0, 1.0, 8 / 64), secret=secret)
         return m, rt.model.payload().arrays()
 
-    m1, a = run(5, 1.0)
-    _, b = run(5, 1.0)
-    _, c = run(6, 1.0)
+    m1, a = run(5)
+    _, b = run(5)
     assert m1["steps"] == 3 and 0 < m1["mean_batch_size"] < 64
-    assert all(np.array_equal(a[k], b[k]) for k in a), "same seed, different result"
-    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    assert any(not np.array_equal(a[k], b[k]) for k in a), "the public seed reproduced a DP-SGD run"
+    mine = SecretSource(entropy=12345, origin="test")
+    _, c = run(5, mine)
+    _, d = run(5, mine)
+    _, e = run(6, mine)
+    assert all(np.array_equal(c[k], d[k]) for k in c), "same secret and seed, different result"
+    assert any(not np.array_equal(c[k], e[k]) for k in c)
     rt.model.set_payload(rt.model.initial)
 
 

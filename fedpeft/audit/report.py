@@ -73,10 +73,13 @@ def empirical_section(emp: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
         f"| {emp['unit']} | {emp['epsilon_lower']:.3f} | {_eps(emp['epsilon_accountant'])} ({emp['accountant']}) | {emp['delta']:g} | "
         f"{emp['confidence']:g} | {emp['false_pos']} / {emp['false_neg']} |", "",
-        f"Verdict: {verdict}. The lower bound is Clopper-Pearson on the canary test's FPR and FNR; "
+        f"Verdict: {verdict}. The adversary: {emp.get('adversary', 'the canary test')}; it chose the test "
+        f"\"{emp.get('test', 'score')}\". The lower bound is Clopper-Pearson on that test's FPR and FNR; "
         f"with {emp['trials'] - emp['trials'] // 2} held-out trials per side it cannot exceed "
-        f"{emp['max_lower']:.2f} however weak the protection (more trials: `audit.canary_trials`).", "",
-    ]
+        f"{emp['max_lower']:.2f} (the ceiling) however weak the protection (more trials: `audit.canary_trials`).", "",
+    ] + ([] if emp.get("has_power", True) else [
+        f"**No power:** the ceiling {emp['max_lower']:.2f} is at or below the accountant's epsilon, so these trials "
+        "could not show a violation; raise `audit.canary_trials`.", ""])
 
 
 def images_section(img: dict[str, Any]) -> list[str]:

@@ -400,12 +400,15 @@ DP_NOTES = {
 def empirical_privacy(cfg: Config, s: AuditSettings, main_dp):
     """The canary audit of the configured mechanism (:mod:`fedpeft.audit.empirical`).
 
-    Sample level: the main experiment's DP-SGD (sigma, C, steps). Client
-    level: one round of the run's central DP (sigma calibrated for the run,
-    fixed clipping at ``dp.max_grad_norm``). Without DP: the victim's
-    clipping with no noise, which shows what the canary test reaches when
-    nothing protects the sample.
+    Sample level: the main experiment's DP-SGD (sigma, C, steps) through
+    the real ClientApp (:func:`fedpeft.audit.client_path.client_path_audit`).
+    Client level: one round of the run's central DP (sigma calibrated for
+    the run, fixed clipping at ``dp.max_grad_norm``) through the server's
+    wrapper. Both are played by a server that replays the code with every
+    public value. Without DP: the victim's clipping with no noise, which
+    shows what the canary test reaches when nothing protects the sample.
     """
+    from fedpeft.audit.client_path import client_path_audit
     from fedpeft.audit.empirical import client_level_audit, sample_level_audit
 
     dp, fed = cfg.dp, cfg.federation
@@ -418,9 +421,8 @@ def empirical_privacy(cfg: Config, s: AuditSettings, main_dp):
                  if dp.target_epsilon else dp.noise_multiplier)
         return client_level_audit(sigma, dp.max_grad_norm, num_clients=fed.num_clients, clients_per_round=m, **common)
     if main_dp is not None:
-        return sample_level_audit(main_dp.noise_multiplier, main_dp.max_grad_norm, steps=main_dp.steps,
-                                  accountant=main_dp.accountant, **common)
-    return sample_level_audit(0.0, dp.max_grad_norm or 1.0, steps=s.local_steps, accountant=dp.accountant, **common)
+        return client_path_audit(main_dp.noise_multiplier, main_dp.max_grad_norm, steps=main_dp.steps, **common)
+    return sample_level_audit(0.0, dp.max_grad_norm or 1.0, steps=s.local_steps, accountant="rdp", **common)
 
 
 def run_experiment(exp: Experiment, rt, sent, prior: Prior, attacks: list[Attack], data, pool: np.ndarray,
