@@ -321,6 +321,9 @@ def validate_dp(cfg: Config, strategy) -> None:
         dp.accountant = "rdp" if dp.mode == "client" else "pld"
     if dp.mode == "none":
         return
+    from fedpeft.privacy.secret import secret_source
+
+    secret_source(dp)  # a missing or empty secret file stops here, before anything is written
     if dp.mode == "sample" and dp.accountant != "pld":
         raise ConfigError(
             f"dp.accountant = {dp.accountant!r} with dp.mode = 'sample': shard sizes are public in fedpeft (they set "

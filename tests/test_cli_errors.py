@@ -97,6 +97,10 @@ def test_run_rejects_bad_config(tmp_path, args, named):
         # Embeddings never train in fedpeft (so DP-SGD never needs their per-sample gradients).
         pytest.param(["--set", "dp.mode=sample", "--set", "peft.target_modules=[\"word_embeddings\", \"query\"]"],
                      ["peft.target_modules", "word_embeddings", "Linear layers only"], id="embedding-targets"),
+        pytest.param(["--set", "dp.mode=sample", "--set", "dp.accountant=rdp"],
+                     ["dp.accountant = 'rdp'", "replacing one example", "only 'pld'"], id="dp-add-remove-accountant"),
+        pytest.param(["--set", "dp.mode=sample", "--set", "dp.secret_file=no-such-secret"],
+                     ["dp.secret_file", "cannot be read"], id="dp-missing-secret-file"),
     ],
 )
 def test_run_rejects_dp_settings_it_cannot_honour(tmp_path, args, named):

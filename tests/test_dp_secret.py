@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedpeft.client.app import make_client_app
 from fedpeft.config import load_config
@@ -22,7 +22,6 @@ from fedpeft.engine import run_engine
 from fedpeft.errors import ConfigError
 from fedpeft.privacy import secret as secret_module
 from fedpeft.privacy.dp_sgd import DPSGD, dp_optimizer, private_steps
-from fedpeft.privacy.plan import make_dp_plan
 from fedpeft.privacy.secret import OS_SECRET, SecretSource, secret_source
 from fedpeft.runtime import runtime
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload, payload_message

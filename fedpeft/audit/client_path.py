@@ -27,7 +27,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from fedpeft.audit.empirical import ADVERSARY, EmpiricalAudit, _ceiling, best_test
+from fedpeft.audit.empirical import EmpiricalAudit, _ceiling, best_test
 from fedpeft.config import Config, DataConfig, DPConfig, FederationConfig, ModelConfig, TrainConfig
 from fedpeft.data.types import TextClassificationData
 
@@ -70,7 +70,7 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
     claimed_noise_multiplier : float, optional
         Account for this sigma instead (a deliberately wrong claim, for tests).
     """
-    from flwr.app import Context, RecordDict
+    from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
     from fedpeft.client.app import make_client_app
     from fedpeft.privacy.accounting import compute_epsilon
@@ -78,7 +78,6 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
     from fedpeft.server.flower_strategy import payload_message
     from fedpeft.server.inprocess_grid import InProcessGrid
     from fedpeft.wire import ARRAYS, from_array_record
-    from flwr.app import ConfigRecord, MessageType
 
     labels = [i % 2 for i in range(others)] + [0]
     base = Config(
@@ -139,12 +138,11 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
 
 def _canary_direction(worlds, sent: dict[str, np.ndarray], clip: float) -> dict[str, np.ndarray]:
     """Clipped gradient of the canary minus that of its replacement, at the sent weights, per array key."""
-    from fedpeft.models.lora import PREFIX  # noqa: F401  (keys come from the payload, not peft names)
     from fedpeft.privacy.dp_sgd import per_sample_loss
     from strategies import Payload
 
     grads = {}
-    for present, (cfg, rt) in worlds.items():
+    for present, (_, rt) in worlds.items():
         model = rt.model
         model.set_payload(Payload.from_arrays(sent, model.initial.scalings()))
         split, _ = rt.splits
