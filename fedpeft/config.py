@@ -62,6 +62,9 @@ class ModelConfig:
     name: str = _f("minilm", "base model (see `fedpeft.models.available_models`)")
     max_length: int = _f(48, "tokens per example after truncation", min=4, max=512)
     dropout: float = _f(0.1, "base-model dropout (0 turns it off)", min=0.0, max=0.9)
+    pooling: str = _f("cls", "classification features: cls (BERT's pooler on the first token) or mean (masked mean of "
+                             "the last hidden states, how sentence-transformers such as MiniLM are trained)",
+                      choices=("cls", "mean"))
 
 
 @dataclass
@@ -82,8 +85,11 @@ class PeftConfig:
 class TrainConfig:
     local_steps: int = _f(10, "optimizer steps per client per round", min=1)
     batch_size: int = _f(16, "examples per local step", min=1)
-    lr: float = _f(3e-3, "AdamW learning rate of the adapter and head", min=0.0)
-    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
+    lr: float = _f(3e-3, "learning rate of the adapter and head", min=0.0)
+    weight_decay: float = _f(0.0, "weight decay (decoupled for AdamW)", min=0.0)
+    optimizer: str = _f("adamw", "local optimizer: adamw, or sgd (with train.momentum; often better under DP, where "
+                                 "AdamW scales every noisy coordinate to a full step)", choices=("adamw", "sgd"))
+    momentum: float = _f(0.0, "SGD momentum (train.optimizer = sgd)", min=0.0, max=0.999)
     eval_batch_size: int = _f(128, "examples per forward pass in evaluation", min=1)
     batch_sampling: str = _f("auto", "local batches: shuffle (epochs, fixed size), poisson (each example with rate "
                                      "batch_size / n), auto (poisson under dp.mode = sample, else shuffle)",
@@ -297,8 +303,14 @@ def validate(cfg: Config) -> None:
 
     if not cfg.peft.target_modules:  # resolved here so summary.json names the real modules
         cfg.peft.target_modules = list(get_model_spec(cfg.model.name).default_targets)
+    spec = get_model_spec(cfg.model.name)
+    if cfg.model.pooling != "cls" and cfg.model.pooling not in spec.poolings:
+        raise ConfigError(f"model.pooling = {cfg.model.pooling!r} is not available for model {cfg.model.name!r}; "
+                          f"choose one of: {', '.join(('cls',) + tuple(spec.poolings))}")
     if not cfg.peft.modules_to_save:
-        cfg.peft.modules_to_save = list(get_model_spec(cfg.model.name).head_modules)
+        # Mean pooling has no pooler weights: the head is the classifier alone.
+        head = spec.head_modules if cfg.model.pooling == "cls" else tuple(m for m in spec.head_modules if "pooler" not in m)
+        cfg.peft.modules_to_save = list(head)
     strategy = build_strategy(cfg)
     ranks = cfg.peft.client_ranks
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):

@@ -157,3 +157,23 @@ def test_client_side_clipping_runs_through_flowers_client_mods(tmp_path, clippin
     assert not any(m["failed"] for m in metrics), metrics
     assert summary["dp"]["epsilon"] == pytest.approx(client_level_epsilon(0.5, 4, 2, 2, 0.01))
     assert np.isfinite(summary["final_loss"])
+
+
+def test_the_dp_utility_experiment_is_a_private_run_within_its_claim():
+    """experiments/dp_utility.toml (README "DP that learns"): epsilon <= 8 for every client, delta below 1/n."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "dp_utility.toml")
+    rt = runtime(cfg)
+    plan = rt.dp_plan
+    assert plan.unit == "sample" and plan.relation == "replace-one" and plan.accountant == "pld"
+    assert plan.planned_epsilon() <= 8.0
+    assert cfg.dp.delta < 1.0 / max(len(s) for s in rt.shards)
+    assert cfg.model.pooling == "mean" and cfg.train.optimizer == "sgd"
+
+
+@pytest.mark.slow
+def test_the_dp_utility_experiment_learns(tmp_path):
+    """The whole run (about 6 minutes on 2 cores): at least 10 points above the majority class."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "dp_utility.toml")
+    summary = run_engine(cfg, tmp_path / "run") or json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epsilon"] <= 8.0
+    assert summary["final_accuracy"] >= summary["majority_baseline"] + 0.10, summary["final_accuracy"]

@@ -112,3 +112,26 @@ def test_trainable_embeddings_are_refused(rt):
             check_private_model(rt.model.model)
     finally:
         emb.weight.requires_grad_(False)
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "dp-sgd"])
+def test_sgd_optimizer_takes_exactly_minus_lr_times_the_gradient(rt, private):
+    """train.optimizer = "sgd" (no momentum): the step is -lr times the batch gradient, which under DP-SGD
+    with sigma = 0 and every example sampled is the mean of the clipped per-example gradients."""
+    rt.model.set_payload(random_payload(rt.model.initial, seed=1))
+    model = rt.model.model
+    split, _ = rt.splits
+    idx = np.asarray(rt.shards[0][:6])
+    params, per_example = _reference_grads(model, split, idx, rt.model.task)
+    clip = 0.05
+    if private:
+        scaled = [[g * min(1.0, clip / float(torch.sqrt(sum((x ** 2).sum() for x in ex)))) for g in ex] for ex in per_example]
+        want = [sum(ex[j] for ex in scaled) / len(idx) for j in range(len(params))]
+    else:
+        want = [sum(ex[j] for ex in per_example) / len(idx) for j in range(len(params))]
+    before = [p.detach().clone() for p in params]
+    train_steps(model, split, idx, task=rt.model.task, steps=1, batch_size=len(idx), lr=0.1, weight_decay=0.0,
+                seed=0, sampling="shuffle", dp=DPSGD(0.0, clip, 1.0) if private else None, optimizer="sgd")
+    for p, b, g in zip(params, before, want):
+        torch.testing.assert_close(p.detach() - b, -0.1 * g, rtol=1e-3, atol=1e-7)
+    rt.model.set_payload(rt.model.initial)

@@ -176,3 +176,39 @@ def test_strategy_can_freeze_a_factor(rt):
     assert any(not np.array_equal(after.factors[m].B, start.factors[m].B) for m in start.factors)
     rt.model.set_payload(original)
     assert all(p.requires_grad for n, p in rt.model.model.named_parameters() if "lora_" in n)
+
+
+def test_mean_pooling_ignores_padding_and_exports_with_plain_peft(tmp_path):
+    """model.pooling = "mean": the classifier sees the masked mean of the last hidden states, so a
+    review's logits do not depend on the padding of the batch it is in; the export loads on
+    load_minilm(pooling="mean") with plain peft and gives the same logits."""
+    from peft import PeftModel
+
+    from fedpeft.models.minilm import MeanPooler, load_minilm
+    from fedpeft.server.run_folder import RunFolder
+
+    cfg = load_config(None, ['model.pooling="mean"', "data.max_test_examples=64"])
+    assert cfg.peft.modules_to_save == ["classifier"]  # no pooler weights to train
+    mean = runtime(cfg)
+    assert isinstance(mean.model.model.base_model.model.bert.pooler, MeanPooler)
+    payload = random_payload(mean.model.payload(), seed=5)
+    mean.model.set_payload(payload)
+    _, test = mean.splits
+    order = np.argsort(test.lengths()[:64])
+    short, longest = int(order[0]), int(order[-1])
+    assert test.lengths()[short] < test.lengths()[longest]
+    with torch.inference_mode():
+        alone = test.batch([short], "classification")
+        padded = test.batch([short, longest], "classification")
+        a = mean.model.model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits[0]
+        b = mean.model.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[0]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    target = RunFolder(tmp_path).export_adapter(mean.model, payload)
+    base, _ = load_minilm(num_labels=2, dropout=0.1, pooling="mean")
+    loaded = PeftModel.from_pretrained(base, target).eval()
+    with torch.inference_mode():
+        theirs = loaded(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        ours = mean.model.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="model.pooling = 'mean' is not available for model 'smollm2'"):
+        load_config(None, ['model.name="smollm2"', 'model.pooling="mean"'])

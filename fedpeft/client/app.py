@@ -106,6 +106,8 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
             sampling=batch_sampling(conf),
             dp=dp,
             secret=secret_source(conf.dp) if dp is not None else None,
+            optimizer=t.optimizer,
+            momentum=t.momentum,
         )
         if accountant is not None:
             accountant.step(dp.noise_multiplier, dp.sample_rate, t.local_steps)

@@ -32,6 +32,8 @@ class ModelSpec:
         back in eval mode with every parameter frozen.
     description : str
         One line for listings.
+    poolings : tuple of str
+        Pooling variants besides ``"cls"`` that ``load`` accepts as ``pooling=`` (``model.pooling``).
     """
 
     name: str
@@ -40,19 +42,21 @@ class ModelSpec:
     head_modules: tuple[str, ...]
     load: Callable
     description: str
+    poolings: tuple[str, ...] = ()
 
 
 _MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, task: Task, default_targets: tuple[str, ...], description: str,
-                   head_modules: tuple[str, ...] = ()):
+                   head_modules: tuple[str, ...] = (), poolings: tuple[str, ...] = ()):
     """Register ``load(num_labels, dropout)`` as base model ``name``."""
 
     def deco(load: Callable) -> Callable:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = ModelSpec(name, task, tuple(default_targets), tuple(head_modules), load, description)
+        _MODELS[name] = ModelSpec(name, task, tuple(default_targets), tuple(head_modules), load, description,
+                                  tuple(poolings))
         return load
 
     return deco

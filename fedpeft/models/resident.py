@@ -100,7 +100,7 @@ _LOCK = threading.Lock()
 
 def _key(cfg: Config, num_labels: int) -> tuple:
     p = cfg.peft
-    return (cfg.model.name, cfg.model.dropout, num_labels, max_rank(cfg), p.alpha, tuple(p.target_modules), p.dropout, p.rslora,
+    return (cfg.model.name, cfg.model.dropout, cfg.model.pooling, num_labels, max_rank(cfg), p.alpha, tuple(p.target_modules), p.dropout, p.rslora,
             tuple(p.modules_to_save), cfg.federation.seed)
 
 
@@ -120,7 +120,8 @@ def load_resident_model(cfg: Config, num_labels: int) -> ResidentModel:
     # server's initial state, which every client receives, is reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.federation.seed)
-        base, tokenizer = spec.load(num_labels=num_labels, dropout=cfg.model.dropout)
+        pooling = {"pooling": cfg.model.pooling} if cfg.model.pooling != "cls" else {}
+        base, tokenizer = spec.load(num_labels=num_labels, dropout=cfg.model.dropout, **pooling)
     total = int(sum(p.numel() for p in base.parameters()))
     targets = cfg.peft.target_modules or list(spec.default_targets)
     model = attach_lora(

@@ -37,10 +37,20 @@ def batch_schedule(indices: np.ndarray, steps: int, batch_size: int, rng: np.ran
     return out
 
 
+def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+    """The local optimizer ``train.optimizer`` names, fresh for each round (no state crosses rounds)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"train.optimizer = {name!r} is not valid; choose adamw or sgd")
+
+
 def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, batch_size: int, lr: float,
                 weight_decay: float, seed: int, sampling: str = "shuffle", dp: DPSGD | None = None,
-                secret: SecretSource | None = None) -> dict[str, float]:
-    """Run ``steps`` AdamW steps on the trainable parameters; returns train metrics.
+                secret: SecretSource | None = None, optimizer: str = "adamw", momentum: float = 0.0) -> dict[str, float]:
+    """Run ``steps`` optimizer steps (``"adamw"``, or ``"sgd"`` with ``momentum``) on the trainable
+    parameters; returns train metrics.
 
     Without ``dp``, batches and dropout depend only on ``seed``, so a
     client's work is reproducible whichever worker process runs it.
@@ -54,7 +64,7 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
     """
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
     if dp is not None:
         secret = secret or OS_SECRET
         schedule = poisson_batches(indices, steps, dp.sample_rate, secret.generator("dp-sgd-batches", seed))
