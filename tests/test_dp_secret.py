@@ -196,3 +196,20 @@ def test_the_replaying_audit_catches_public_randomness_and_passes_secret_randomn
     assert seeded_client.epsilon_lower > seeded_client.epsilon_accountant and seeded_client.test == "exact replay"
     assert seeded_server.epsilon_lower > seeded_server.epsilon_accountant, seeded_server
     assert seeded_server.test.startswith("replay")
+
+
+def test_fedpeft_audit_runs_the_sample_level_canary_audit_through_the_real_client():
+    from fedpeft.audit.dp import victim_dp
+    from fedpeft.audit.report import empirical_section
+    from fedpeft.audit.runner import empirical_privacy
+    from fedpeft.audit.settings import parse_settings
+
+    cfg = load_config(None, ['dp.mode="sample"', "dp.noise_multiplier=2.0", "dp.delta=1e-5", "audit.canary_trials=40"])
+    settings = parse_settings(cfg.audit)
+    result = empirical_privacy(cfg, settings, victim_dp(cfg.dp, settings.local_steps, settings.batch_size)).to_dict()
+    assert result["unit"] == "sample" and result["relation"] == "replace-one"
+    assert "real ClientApp" in result["details"] and result["test"] in ("exact replay", "canary gradient step")
+    assert result["epsilon_lower"] <= result["epsilon_accountant"]
+    text = "\n".join(empirical_section(result))
+    assert "replays the mechanism" in text and "ceiling" in text
+    assert not result["has_power"] and "**No power:**" in text  # 40 trials cannot reach the accountant's epsilon
