@@ -171,6 +171,7 @@ def test_the_dp_utility_experiment_is_a_private_run_within_its_claim():
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_the_dp_utility_experiment_learns(tmp_path):
     """The whole run (about 6 minutes on 2 cores): at least 10 points above the majority class."""
     cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "dp_utility.toml")
