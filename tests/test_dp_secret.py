@@ -27,7 +27,7 @@ from fedpeft.runtime import runtime
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload, payload_message
 from fedpeft.server.inprocess_grid import InProcessGrid
 from fedpeft.server.run_folder import RunFolder
-from fedpeft.wire import ARRAYS, METRICS, from_array_record, to_array_record
+from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, to_array_record
 
 TINY = ['model.name="tiny-bert"', 'federation.engine="inprocess"', "federation.num_clients=2", "federation.num_rounds=1",
         "train.local_steps=2", "train.batch_size=8", "data.max_examples_per_client=32", "data.max_test_examples=16",
@@ -213,3 +213,31 @@ def test_fedpeft_audit_runs_the_sample_level_canary_audit_through_the_real_clien
     text = "\n".join(empirical_section(result))
     assert "replays the mechanism" in text and "ceiling" in text
     assert not result["has_power"] and "**No power:**" in text  # 40 trials cannot reach the accountant's epsilon
+
+
+def test_a_resumed_server_keeps_the_spend_of_rejected_and_lost_replies():
+    """The checkpoint holds every step on record; a fresh server sends it as each client's prior,
+    and a client that lost its own accountant (a fresh process) rebuilds it from that prior."""
+    from flwr.app import Context
+
+    from fedpeft.client.app import client_accountant
+    from fedpeft.server.privacy_log import dp_checkpoint
+
+    cfg = load_config(None, TINY + SAMPLE + ["federation.num_clients=3"])
+    flower, rt = flower_strategy(cfg)
+    grid = InProcessGrid(make_client_app(cfg), 3)
+    messages = list(flower.configure_train(1, to_array_record(global_payload(flower.state).arrays()), ConfigRecord(), grid))
+    replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages)}
+    arrays = from_array_record(replies[1].content[ARRAYS])
+    replies[1].content[ARRAYS] = to_array_record({k: v[..., :1] for k, v in arrays.items()})  # rejected
+    flower.aggregate_train(1, [replies[1], Message(Error(code=0, reason="lost"), reply_to=messages[1]), replies[3]])
+    saved = json.loads(json.dumps(dp_checkpoint(flower, flower)))  # what progress.json holds
+    resumed = FlowerLoRAStrategy(flower.strategy, flower.state, flower.node_ids, 3, cfg.federation.seed,
+                                 round_offset=1, dp_plan=rt.dp_plan, dp_steps=saved["steps"], dp_epsilon=saved["epsilon"])
+    again = list(resumed.configure_train(1, to_array_record(global_payload(resumed.state).arrays()), ConfigRecord(), grid))
+    steps = cfg.train.local_steps
+    assert [int(m.content[CONFIG]["dp-prior-steps"]) for m in again] == [steps] * 3
+    fresh = Context(run_id=0, node_id=9, node_config={}, state=RecordDict(), run_config={})
+    q = rt.dp_plan.sample_rates[0]
+    accountant = client_accountant(fresh, "pld", (cfg.dp.noise_multiplier, q, steps))
+    assert accountant.steps == steps and accountant.epsilon(cfg.dp.delta) == pytest.approx(resumed.dp_epsilon[0])
