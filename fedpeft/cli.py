@@ -27,6 +27,14 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override one key: section.key=v
 OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<timestamp>-<name>); must be empty or absent.")
 
 
+@app.callback()
+def setup_process() -> None:
+    """Simulate federated parameter-efficient fine-tuning."""
+    from fedpeft.environment import quiet_environment
+
+    quiet_environment()
+
+
 def fail(message: str) -> None:
     # escape: messages name sections as "[train]", which rich would eat as markup.
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -41,10 +49,12 @@ def progress_bar():
 
 
 def prepare_out(out: Optional[Path], default: Path) -> Path:
-    target = out or default
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        fail(f"--out {target} already exists and is not an empty folder; choose a new path")
-    return target
+    from fedpeft.server.run_folder import new_output_folder
+
+    try:
+        return new_output_folder(out, default, "--out")
+    except FedPeftError as exc:
+        fail(str(exc))
 
 
 ResumeOpt = typer.Option(None, "--resume", help="Continue an interrupted run folder from its last checkpoint.")
@@ -66,9 +76,6 @@ def resumable(folder: Path):
 def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
         resume: Optional[Path] = ResumeOpt) -> None:
     """Run one federation and write its run folder (or finish an interrupted one)."""
-    from fedpeft.engine import quiet_environment
-
-    quiet_environment()
     from fedpeft.config import load_config
 
     # Validate the config and --out before importing torch and Flower (seconds).
@@ -124,9 +131,6 @@ def bench(
     out: Path = typer.Option(Path("bench-results/bench.json"), "--out", "-o", help="Where to write the JSON results."),
 ) -> None:
     """Run the performance benchmarks; print and write their ratios as JSON."""
-    from fedpeft.engine import quiet_environment
-
-    quiet_environment()
     from fedpeft.bench import BENCHMARKS, run_benchmarks, write_results
 
     unknown = [n for n in name or [] if n not in BENCHMARKS]
@@ -150,9 +154,6 @@ def sweep(
     shard: str = typer.Option("0/1", "--shard", help="K/N: run every N-th run from K, to share cores between N processes."),
 ) -> None:
     """Run a grid of federations (strategies x data splits x seeds) and tabulate them."""
-    from fedpeft.engine import quiet_environment
-
-    quiet_environment()
     from fedpeft.sweep import load_sweep, run_sweep
 
     try:
@@ -192,9 +193,6 @@ def audit(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
     """Audit what a curious server can rebuild from one client's payload; writes audit.json and audit.md."""
     import time
 
-    from fedpeft.engine import quiet_environment
-
-    quiet_environment()
     from fedpeft.config import load_config
 
     if full and sweep is None:

@@ -12,6 +12,7 @@ error for a bad value can name the key and what would be valid.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tomllib
@@ -246,9 +247,15 @@ def config_from_dict(tables: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read ``path`` (default: the embedded default), apply ``--set`` overrides, validate."""
-    tables = _read_toml(Path(path) if path else DEFAULT_CONFIG)
+def load_config(path: str | Path | Config | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read ``path`` (default: the embedded default), apply ``--set`` overrides, validate.
+
+    ``path`` may also be a :class:`Config`: the overrides then apply to a copy of it.
+    """
+    if isinstance(path, Config):
+        tables = copy.deepcopy(path.to_dict())
+    else:
+        tables = _read_toml(Path(path) if path else DEFAULT_CONFIG)
     for text in overrides:
         section, key, value = parse_override(text)
         tables.setdefault(section, {})

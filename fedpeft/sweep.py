@@ -143,19 +143,18 @@ def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None
     for i, run in enumerate(runs):
         folder = out / run.folder
         summary_path = folder / "summary.json"
-        if i % n != k:
-            if not summary_path.is_file():
-                continue
-        elif not summary_path.is_file():
+        if summary_path.is_file():  # finished earlier (or by another shard)
+            summary = json.loads(summary_path.read_text())
+        elif i % n != k:
+            continue
+        else:
             if folder.exists():  # an interrupted run: start it again from scratch
                 import shutil
 
                 shutil.rmtree(folder)
             if on_run:
                 on_run(i, len(runs), run, None)
-            cfg = config_from_dict(run_tables(base, run))
-            run_engine(cfg, folder)
-        summary = json.loads(summary_path.read_text())
+            summary = run_engine(config_from_dict(run_tables(base, run)), folder)
         metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         errors = [m["aggregation_error"] for m in metrics if m.get("aggregation_error") is not None]
         results.append({

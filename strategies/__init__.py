@@ -8,32 +8,72 @@
 
 One rule per file; each registers itself with :func:`register`. A user's own
 rule is a :class:`Strategy` subclass, registered with the same decorator or
-named as ``"package.module:ClassName"``; :func:`strategies.testing.check_strategy`
-checks it against the contract.
+named as ``"package.module:ClassName"``; :func:`check_strategy` checks it
+against the contract. Everything a rule author needs is importable from here:
+the state types, the base class, the built-in rules (to subclass) and the
+numeric helpers they share.
 """
 
 from .base import Strategy
 from .registry import UnknownStrategyError, available, describe, get, register
 from .state import ClientUpdate, LoRAFactors, Payload, ServerState
+from .utils import (
+    detach,
+    example_weights,
+    lowrank_svd,
+    pad_rank,
+    seeded_rng,
+    truncate_rank,
+    weighted_mean,
+    weighted_mean_extras,
+    weighted_sum,
+)
 
-# Built-in rules, one per module: importing a module registers its rule.
-import importlib as _importlib  # noqa: E402
-import pkgutil as _pkgutil  # noqa: E402
-
-_INFRASTRUCTURE = {"base", "registry", "state", "testing", "utils"}
-for _module in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
-    if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
-        _importlib.import_module(f"{__name__}.{_module}")
+# The built-in rules: importing each module registers its rule.
+from .fedit import FedIT  # noqa: E402  (first: FedExLoRA subclasses it)
+from .fedex_lora import FedExLoRA
+from .fedsa_lora import FedSALoRA
+from .fedsvd import FedSVD
+from .ffa_lora import FFALoRA
+from .flora import FLoRA
+from .hetlora import HetLoRA, RankTruncating
+from .flexlora import FlexLoRA
+from .ties import TIESMerging
+from .testing import check_strategy
 
 __all__ = [
+    # state and contract
     "LoRAFactors",
     "ClientUpdate",
     "ServerState",
     "Payload",
     "Strategy",
+    "check_strategy",
+    # registry
     "UnknownStrategyError",
     "register",
     "get",
     "available",
     "describe",
+    # built-in rules
+    "FedIT",
+    "FedExLoRA",
+    "FedSALoRA",
+    "FedSVD",
+    "FFALoRA",
+    "FLoRA",
+    "HetLoRA",
+    "FlexLoRA",
+    "RankTruncating",
+    "TIESMerging",
+    # helpers for rule authors
+    "example_weights",
+    "weighted_mean",
+    "weighted_sum",
+    "weighted_mean_extras",
+    "seeded_rng",
+    "detach",
+    "pad_rank",
+    "truncate_rank",
+    "lowrank_svd",
 ]

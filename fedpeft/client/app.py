@@ -16,14 +16,29 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import Config, batch_sampling, config_from_run_config
-from fedpeft.engine import quiet_environment
+from fedpeft.environment import quiet_environment
 from fedpeft.privacy import Accountant, create_accountant
 from fedpeft.privacy.client_level import client_clipping_mod
 from fedpeft.privacy.dp_sgd import DPSGD
 from fedpeft.privacy.secret import secret_source
-from fedpeft.runtime import runtime
+from fedpeft.runtime import Runtime, runtime
 from fedpeft.training import evaluate, train_steps
-from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, scalings_of, to_array_record
+from fedpeft.wire import (
+    ARRAYS,
+    CONFIG,
+    DP_EPSILON,
+    DP_NOISE_MULTIPLIER,
+    DP_PRIOR_STEPS,
+    DP_STEPS,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    SERVER_ROUND,
+    STEPS,
+    from_array_record,
+    scalings_of,
+    to_array_record,
+)
 from strategies import ClientUpdate, Payload
 
 ACCOUNTANT = "dp-accountant"
@@ -53,9 +68,9 @@ def _dp_training(conf: Config, config, context: Context, shard_size: int):
     """The DP-SGD mechanism and accountant of this train message (None, None without sample DP)."""
     if conf.dp.mode != "sample":
         return None, None
-    sigma = float(config["dp-noise-multiplier"])
+    sigma = float(config[DP_NOISE_MULTIPLIER])
     q = min(1.0, conf.train.batch_size / shard_size)
-    accountant = client_accountant(context, conf.dp.accountant, (sigma, q, int(config["dp-prior-steps"])))
+    accountant = client_accountant(context, conf.dp.accountant, (sigma, q, int(config[DP_PRIOR_STEPS])))
     return DPSGD(sigma, conf.dp.max_grad_norm, q), accountant
 
 
@@ -64,28 +79,34 @@ def client_seed(seed: int, server_round: int, client_id: int) -> int:
     return int(seed) * 1_000_003 + int(server_round) * 10_007 + int(client_id)
 
 
-def make_client_app(cfg: Config | None = None) -> ClientApp:
-    """A ClientApp for ``cfg``; without one, the config comes from the run config
-    (``flwr run .``)."""
-    mods = [m for m in (client_clipping_mod(cfg.dp),) if m] if cfg is not None else [_clipping_from_run_config]
-    app = ClientApp(mods=mods)
+class ClientHandlers:
+    """The ClientApp's message handlers for one config (or, without one, each message's run config).
 
-    def setup(context: Context):
+    Each handler finds this process's resident runtime (data, shards, model,
+    strategy), so a Flower worker builds the model once and only swaps adapter
+    arrays per message.
+    """
+
+    def __init__(self, cfg: Config | None = None):
+        self.cfg = cfg
+
+    def setup(self, context: Context) -> tuple[Config, Runtime, int]:
         quiet_environment()
-        conf = cfg if cfg is not None else config_from_run_config(context.run_config)
+        conf = self.cfg if self.cfg is not None else config_from_run_config(context.run_config)
         rt = runtime(conf, threads=conf.federation.client_threads)
-        return conf, rt, int(context.node_config["partition-id"])
+        return conf, rt, int(context.node_config[PARTITION_ID])
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        _, rt, cid = setup(context)
-        return Message(RecordDict({METRICS: MetricRecord({"partition-id": cid, "num-examples": len(rt.shards[cid])})}), reply_to=msg)
+    def query(self, msg: Message, context: Context) -> Message:
+        """The node's client id and shard size, so the server can map node ids to clients."""
+        _, rt, cid = self.setup(context)
+        return Message(RecordDict({METRICS: MetricRecord({PARTITION_ID: cid, NUM_EXAMPLES: len(rt.shards[cid])})}),
+                       reply_to=msg)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        conf, rt, cid = setup(context)
+    def train(self, msg: Message, context: Context) -> Message:
+        """Local steps from the received adapter; replies with what the strategy uploads."""
+        conf, rt, cid = self.setup(context)
         config = msg.content[CONFIG]
-        server_round = int(config["server-round"])
+        server_round = int(config[SERVER_ROUND])
         received = from_array_record(msg.content[ARRAYS])
         payload = Payload.from_arrays(received, scalings_of(config))
         rt.model.set_payload(payload, trainable=rt.strategy.trainable)
@@ -115,9 +136,9 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         if conf.dp.mode != "none":
             # Only what the mechanism covers leaves the client: the loss and the Poisson
             # batch sizes are computed from its data without noise.
-            metrics = {"steps": metrics["steps"]}
+            metrics = {STEPS: metrics[STEPS]}
         if accountant is not None:
-            metrics.update({"dp-epsilon": accountant.epsilon(conf.dp.delta), "dp-steps": accountant.steps})
+            metrics.update({DP_EPSILON: accountant.epsilon(conf.dp.delta), DP_STEPS: accountant.steps})
         local = rt.model.payload()
         update = ClientUpdate(client_id=str(cid), factors=local.factors, num_examples=len(shard), extras=local.extras)
         if conf.dp.mode == "client":
@@ -126,25 +147,30 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
             sent = {k: mine[k] for k in received}
         else:
             sent = rt.strategy.upload_arrays(update)
-        reply = RecordDict(
-            {
-                ARRAYS: to_array_record(sent),
-                METRICS: MetricRecord({**metrics, "num-examples": len(shard), "partition-id": cid}),
-            }
-        )
-        return Message(reply, reply_to=msg)
+        metrics.update({NUM_EXAMPLES: len(shard), PARTITION_ID: cid})
+        return Message(RecordDict({ARRAYS: to_array_record(sent), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
-    @app.evaluate()
-    def evaluate_local(msg: Message, context: Context) -> Message:
-        conf, rt, cid = setup(context)
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        """The received adapter's accuracy and loss on the client's own shard."""
+        conf, rt, cid = self.setup(context)
         payload = Payload.from_arrays(from_array_record(msg.content[ARRAYS]), scalings_of(msg.content[CONFIG]))
         rt.model.set_payload(payload)
         split, _ = rt.splits
         sub = split.subset(rt.shards[cid])
         result = evaluate(rt.model.model, sub, task=rt.model.task, batch_size=conf.train.eval_batch_size)
-        reply = RecordDict({METRICS: MetricRecord({**result, "num-examples": len(sub), "partition-id": cid})})
+        reply = RecordDict({METRICS: MetricRecord({**result, NUM_EXAMPLES: len(sub), PARTITION_ID: cid})})
         return Message(reply, reply_to=msg)
 
+
+def make_client_app(cfg: Config | None = None) -> ClientApp:
+    """A ClientApp for ``cfg``; without one, the config comes from the run config
+    (``flwr run .``)."""
+    mods = [m for m in (client_clipping_mod(cfg.dp),) if m] if cfg is not None else [_clipping_from_run_config]
+    app = ClientApp(mods=mods)
+    handlers = ClientHandlers(cfg)
+    app.query()(handlers.query)
+    app.train()(handlers.train)
+    app.evaluate()(handlers.evaluate)
     return app
 
 

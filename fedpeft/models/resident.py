@@ -87,7 +87,22 @@ class ResidentModel:
 
     @property
     def trainable_params(self) -> int:
+        """Parameters that currently require gradients."""
         return int(sum(p.numel() for p in self.model.parameters() if p.requires_grad))
+
+    def client_trainable_params(self, trainable: Callable[[str], dict[str, bool]] | None = None) -> int:
+        """Values a client at the model's rank trains under a rule's ``trainable``.
+
+        Counted from the parts the rule leaves trainable (FFA-LoRA freezes
+        every A), not from the server's copy, whose factors all require grads.
+        """
+        lora = 0
+        for module in self.scalings:
+            parts = trainable(module) if trainable else {"A": True, "B": True}
+            layer = self._layer(module)
+            lora += sum(getattr(layer, f"lora_{part}")["default"].weight.numel() for part in ("A", "B") if parts[part])
+        head = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad and ".lora_" not in n)
+        return int(lora + head)
 
     def full_model_nbytes(self) -> int:
         """Bytes of every base-model parameter in float32: what full fine-tuning would ship."""

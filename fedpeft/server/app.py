@@ -16,15 +16,15 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.config import Config, client_ranks, config_from_run_config
-from fedpeft.engine import quiet_environment
-from fedpeft.runtime import Runtime, runtime
+from fedpeft.environment import quiet_environment
+from fedpeft.runtime import runtime
 from fedpeft.privacy.client_level import wrap_client_dp
 from fedpeft.privacy.secret import secret_source
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload
-from fedpeft.server.privacy_log import dp_checkpoint, restore_wrapper, round_privacy, run_privacy
+from fedpeft.server.privacy_log import restore_wrapper, run_privacy
+from fedpeft.server.round_recorder import RoundRecorder
 from fedpeft.server.run_folder import RunFolder, default_run_dir, machine_description
-from fedpeft.training import evaluate
-from fedpeft.wire import METRICS, to_array_record
+from fedpeft.wire import METRICS, PARTITION_ID, to_array_record
 
 OnRound = Callable[[dict[str, Any]], None]
 
@@ -49,23 +49,11 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> di
         if reply.has_error():
             errors.append(reply.error.reason)
             continue
-        mapping[int(reply.content[METRICS]["partition-id"])] = reply.metadata.src_node_id
+        mapping[int(reply.content[METRICS][PARTITION_ID])] = reply.metadata.src_node_id
     if len(mapping) != num_clients:
         detail = f": {errors[0]}" if errors else ""
         raise RuntimeError(f"only {len(mapping)} of {num_clients} clients answered{detail}")
     return mapping
-
-
-def evaluate_global(rt: Runtime, state) -> dict[str, float]:
-    rt.model.set_payload(global_payload(state))
-    _, test = rt.splits
-    return evaluate(rt.model.model, test, task=rt.model.task, batch_size=rt.cfg.train.eval_batch_size, limit=rt.cfg.data.max_test_examples)
-
-
-def _client_accuracy(log_) -> dict[str, Any]:
-    """Each client's accuracy on its own shard (``federation.client_eval``)."""
-    per_client = (log_.client_accuracy or {}) if log_ else {}
-    return {"client_accuracy": {str(c): a for c, a in per_client.items()}}
 
 
 def _mean_client_accuracy(line: dict[str, Any]) -> float | None:
@@ -107,51 +95,13 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         outer = wrap_client_dp(flower, cfg.dp, plan.noise_multiplier, cfg.clients_per_round, flower.private_keys(),
                                secret, round_offset=done)
         restore_wrapper(outer, dp_progress.get("wrapper"))
-    totals = {"up": progress["cum_bytes_up"], "down": progress["cum_bytes_down"]}
-
-    def elapsed() -> float:
-        return round(progress["wall_s"] + time.time() - t0, 3)
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        server_round += done
-        if resume and server_round == done:  # evaluated before the stop
-            return None
-        flower.adopt(arrays)
-        result = evaluate_global(rt, flower.state)
-        log_ = flower.rounds.get(server_round)
-        up, down = (log_.bytes_up, log_.bytes_down) if log_ else (0, 0)
-        totals["up"] += up
-        totals["down"] += down
-        line = {
-            "round": server_round,
-            **result,
-            "train_loss": log_.train_loss if log_ else None,
-            "aggregation_error": log_.aggregation_error if log_ else None,
-            "bytes_up": up,
-            "bytes_down": down,
-            "cum_bytes_up": totals["up"],
-            "cum_bytes_down": totals["down"],
-            # Under client-level DP who was sampled is secret (the accountant's amplification rests on it).
-            "clients": None if flower.client_dp else (log_.clients if log_ else []),
-            "failed": log_.failed if log_ else [],
-            **(_client_accuracy(log_) if flower.client_eval else {}),
-            **round_privacy(plan, flower, log_, server_round),
-            "wall_s": elapsed(),
-        }
-        history.append(line)
-        folder.append_metrics(line)
-        folder.save_checkpoint(flower.state, {"round": server_round, "cum_bytes_up": totals["up"],
-                                              "cum_bytes_down": totals["down"], "wall_s": line["wall_s"],
-                                              "dp": dp_checkpoint(flower, outer)})
-        if on_round:
-            on_round(line)
-        return MetricRecord({k: float(v) for k, v in result.items()})
-
+    recorder = RoundRecorder(rt, flower, outer, folder, plan, progress, history, resume=resume, on_round=on_round,
+                             started=t0)
     outer.start(
         grid=grid,
         initial_arrays=to_array_record(global_payload(state).arrays()),
         num_rounds=cfg.federation.num_rounds - done,
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=recorder,
     )
     folder.export_adapter(rt.model, global_payload(flower.state))
     final = history[-1]
@@ -173,13 +123,13 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         "final_client_accuracy": _mean_client_accuracy(final),
         "majority_baseline": (rt.data.majority_baseline_on(cfg.data.max_test_examples)
                               if rt.model.task == "classification" else None),
-        "bytes_up": totals["up"],
-        "bytes_down": totals["down"],
+        "bytes_up": recorder.totals["up"],
+        "bytes_down": recorder.totals["down"],
         "full_finetune_bytes_per_round": 2 * cfg.clients_per_round * rt.model.full_model_nbytes(),
-        "trainable_params": rt.model.trainable_params,
+        "trainable_params": rt.model.client_trainable_params(strategy.trainable),
         "total_params": rt.model.total_params,
         **run_privacy(plan, flower, history, secret),
-        "wall_s": elapsed(),
+        "wall_s": recorder.elapsed(),
         "seed": cfg.federation.seed,
         "machine": machine_description(),
         "config": cfg.to_dict(),
@@ -190,9 +140,10 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
 
 
 def make_server_app(cfg: Config | None = None, out: Path | None = None, on_round: OnRound | None = None,
-                    resume: bool = False) -> ServerApp:
+                    resume: bool = False, on_summary: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
     """A ServerApp for ``cfg`` writing to (or, with ``resume``, continuing) ``out``;
-    without them, both come from the run config (``flwr run .``)."""
+    without them, both come from the run config (``flwr run .``). ``on_summary``
+    receives the finished run's summary."""
     app = ServerApp()
 
     @app.main()
@@ -200,7 +151,9 @@ def make_server_app(cfg: Config | None = None, out: Path | None = None, on_round
         quiet_environment()
         conf = cfg if cfg is not None else config_from_run_config(context.run_config)
         target = out or Path(str(context.run_config.get("out") or default_run_dir(conf)))
-        run_federation(grid, conf, target, on_round, resume)
+        summary = run_federation(grid, conf, target, on_round, resume)
+        if on_summary is not None:
+            on_summary(summary)
 
     return app
 

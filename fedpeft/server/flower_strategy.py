@@ -22,7 +22,21 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedpeft.privacy.secret import OS_SECRET, SecretSource
 from fedpeft.server.sampling import sample_clients, secret_sample_clients
-from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, nbytes, payload_config, to_array_record
+from fedpeft.wire import (
+    ARRAYS,
+    CONFIG,
+    DP_EPSILON,
+    DP_NOISE_MULTIPLIER,
+    DP_PRIOR_STEPS,
+    DP_STEPS,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    from_array_record,
+    nbytes,
+    payload_config,
+    to_array_record,
+)
 from strategies import Payload, ServerState
 from strategies import Strategy as LoRAStrategy
 
@@ -184,10 +198,10 @@ class FlowerLoRAStrategy(FlowerStrategy):
         for cid in clients:
             payload = self.strategy.payload_for(self.state, str(cid))
             log_.bytes_down += payload.nbytes
-            train_config = ConfigRecord({**dict(config), "server-round": server_round})
+            train_config = ConfigRecord({**dict(config), SERVER_ROUND: server_round})
             if self.dp_plan is not None and self.dp_plan.unit == "sample":
-                train_config["dp-noise-multiplier"] = float(self.dp_plan.noise_multiplier)
-                train_config["dp-prior-steps"] = self._sent_steps[(server_round, cid)] = self.dp_steps.get(cid, 0)
+                train_config[DP_NOISE_MULTIPLIER] = float(self.dp_plan.noise_multiplier)
+                train_config[DP_PRIOR_STEPS] = self._sent_steps[(server_round, cid)] = self.dp_steps.get(cid, 0)
             messages.append(payload_message(payload, train_config, MessageType.TRAIN, self.node_ids[cid]))
         return messages
 
@@ -206,14 +220,14 @@ class FlowerLoRAStrategy(FlowerStrategy):
             metrics = dict(msg.content[METRICS])
             self._record_spend(cid, metrics)
             # Client-level DP calibrates its noise to a uniform mean: every client counts once.
-            n = 1 if self.client_dp else int(metrics["num-examples"])
+            n = 1 if self.client_dp else int(metrics[NUM_EXAMPLES])
             try:
                 update = self.strategy.receive(self.state, str(cid), self.uploaded(arrays), n, metrics=metrics)
             except ValueError as exc:  # a malformed upload is rejected, not aggregated
                 log_.failed.append(self._failure(cid, f"rejected: {exc}"))
                 continue
             log_.bytes_up += nbytes(arrays)
-            if "dp-epsilon" in metrics:
+            if DP_EPSILON in metrics:
                 log_.epsilon[int(cid)] = self.dp_epsilon[int(cid)]
             updates.append(update)
             losses.append(float(metrics.get("train_loss", np.nan)))
@@ -247,9 +261,9 @@ class FlowerLoRAStrategy(FlowerStrategy):
 
     def _record_spend(self, cid, metrics: dict) -> None:
         """Sample level: the client's own account of its steps, rejected replies included."""
-        if "dp-steps" in metrics:
-            self.dp_steps[int(cid)] = int(metrics["dp-steps"])
-            self.dp_epsilon[int(cid)] = float(metrics["dp-epsilon"])
+        if DP_STEPS in metrics:
+            self.dp_steps[int(cid)] = int(metrics[DP_STEPS])
+            self.dp_epsilon[int(cid)] = float(metrics[DP_EPSILON])
 
     def _record_lost_spend(self, server_round: int, lost: set) -> None:
         """Sample level: a client whose reply was lost may still have taken every step; count them."""
@@ -275,7 +289,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
         messages = []
         for cid, node in sorted(self.node_ids.items()):
             payload = self.strategy.payload_for(self.state, str(cid))
-            config = ConfigRecord({"server-round": server_round})
+            config = ConfigRecord({SERVER_ROUND: server_round})
             messages.append(payload_message(payload, config, MessageType.EVALUATE, node))
         return messages
 
@@ -290,7 +304,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
                 continue
             metrics = msg.content[METRICS]
             accuracies[int(cid)] = float(metrics["accuracy"])
-            sizes[int(cid)] = int(metrics["num-examples"])
+            sizes[int(cid)] = int(metrics[NUM_EXAMPLES])
         if not accuracies:
             return None
         log_.client_accuracy = dict(sorted(accuracies.items()))

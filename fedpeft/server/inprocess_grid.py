@@ -16,6 +16,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedpeft.wire import PARTITION_ID
+
 # Flower's code for "the ClientApp raised an exception".
 CLIENT_APP_RAISED_EXCEPTION = 0
 
@@ -29,7 +31,7 @@ class InProcessGrid(Grid):
             node: Context(
                 run_id=0,
                 node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": num_clients},
+                node_config={PARTITION_ID: node - 1, "num-partitions": num_clients},
                 state=RecordDict(),
                 run_config={},
             )

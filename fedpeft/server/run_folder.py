@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import ConfigError, FedPeftError
 from strategies import ServerState
 
 SUMMARY = "summary.json"
@@ -25,6 +25,18 @@ CHECKPOINT = "checkpoint"
 def default_run_dir(cfg) -> Path:
     """``runs/<timestamp>-<federation.name>``."""
     return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.name}"
+
+
+def new_output_folder(out: str | Path | None, default: Path, option: str = "out") -> Path:
+    """``out`` (or ``default``) if it is absent or an empty folder; a :class:`ConfigError` otherwise.
+
+    A run never writes into a folder that holds anything: an earlier result
+    would be mixed with, or overwritten by, this one.
+    """
+    target = Path(out) if out is not None else default
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"{option} {target} already exists and is not an empty folder; choose a new path")
+    return target
 
 
 def machine_description() -> str:
