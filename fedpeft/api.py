@@ -5,7 +5,7 @@ display, and return what the run folder records::
 
     import fedpeft
     summary = fedpeft.run("experiments/dp_utility.toml", overrides=["federation.seed=1"], out="runs/dp1")
-    summary["final_accuracy"], summary["dp"]["epsilon"]
+    summary["final_accuracy"], summary["epsilon"]
 """
 
 from __future__ import annotations
