@@ -294,7 +294,7 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
     ``clipping_norm``); in a canary trial the last client's upload is a
     canary, a random direction of norm ``10 * clipping_norm`` (replace-one).
     The server draws the round's clients as fedpeft's does under client-level
-    DP (:func:`fedpeft.server.sampling.secret_sample_clients`), and the
+    DP (:func:`fedpeft.sampling.secret_sample_clients`), and the
     replies go through the real server-side wrapper
     (:func:`fedpeft.privacy.client_level.wrap_client_dp` around Flower's
     FedAvg: clipping, mean, secret noise). The adversary knows the code and
@@ -308,7 +308,7 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
 
     from fedpeft.privacy.client_level import client_level_epsilon, wrap_client_dp
     from fedpeft.privacy.secret import OS_SECRET
-    from fedpeft.server.sampling import secret_sample_clients
+    from fedpeft.sampling import secret_sample_clients
 
     dp = SimpleNamespace(clip_on="server", clipping="fixed", max_grad_norm=clipping_norm)
     rng = np.random.default_rng([seed, 4242])

@@ -11,7 +11,6 @@ every round. Under client-level DP the sampling is secret
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -20,8 +19,9 @@ from fedpeft.errors import ConfigError
 from fedpeft.privacy.accounting import accountant_title, check_delta, compute_epsilon
 from fedpeft.privacy.calibration import calibrate_noise
 from fedpeft.privacy.client_level import calibrate_client_noise, client_level_epsilon
+from fedpeft.sampling import participation
 
-__all__ = ["DPPlan", "make_dp_plan", "participation"]
+__all__ = ["DPPlan", "make_dp_plan"]
 
 
 @dataclass(frozen=True)
@@ -103,16 +103,6 @@ class DPPlan:
         out["sample_rates"] = {str(k): v for k, v in self.sample_rates.items()}
         out["planned_steps"] = {str(k): v for k, v in self.planned_steps.items()}
         return out
-
-
-def participation(num_clients: int, clients_per_round: int, seed: int, num_rounds: int) -> Counter:
-    """How many rounds each client is sampled for, from the seeded schedule the server follows."""
-    from fedpeft.server.sampling import sample_clients
-
-    counts: Counter = Counter({c: 0 for c in range(num_clients)})
-    for r in range(1, num_rounds + 1):
-        counts.update(sample_clients(num_clients, clients_per_round, seed, r))
-    return counts
 
 
 def make_dp_plan(cfg, shard_sizes: list[int]) -> DPPlan | None:

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedpeft.privacy.secret import OS_SECRET, SecretSource
-from fedpeft.server.sampling import sample_clients, secret_sample_clients
+from fedpeft.sampling import sample_clients, secret_sample_clients
 from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, nbytes, payload_config, to_array_record
 from strategies import Payload, ServerState
 from strategies import Strategy as LoRAStrategy
