@@ -306,6 +306,7 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
     """
     from flwr.serverapp.strategy import FedAvg
 
+    from fedpeft.compat.flwr_internals import set_server_task_identity
     from fedpeft.privacy.client_level import client_level_epsilon, wrap_client_dp
     from fedpeft.privacy.secret import OS_SECRET
     from fedpeft.sampling import secret_sample_clients
@@ -339,7 +340,7 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
         difference = cosine(released - replay, canary)
         return cosine(released, canary), difference, difference if num_clients - 1 in believed else -2.0
 
-    _set_task_identity()
+    set_server_task_identity()
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     flwr_log.setLevel(logging.WARNING)  # Flower logs every clipping and aggregation at INFO
@@ -358,14 +359,6 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
                           noise_multiplier, clipping_norm, trials, threshold, fp, fn, ceiling,
                           f"one round: {clients_per_round} of {num_clients} clients, uploads of dimension {dim}, "
                           "canary replaces a client / held out", test=test, relation="replace-one client")
-
-
-def _set_task_identity() -> None:
-    """Flower stamps messages from the process's task identity; outside a runtime, set the server's."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, SUPERLINK_NODE_ID
 
 
 def _wrapper_release(server, server_round: int, current: np.ndarray, uploads: list[np.ndarray]) -> np.ndarray:

@@ -46,6 +46,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_stdv
 
+from fedpeft.compat.flwr_internals import DPWrapperHooks, dp_wrapper_class
 from fedpeft.privacy.accounting import check_delta, check_noise_multiplier
 from fedpeft.privacy.calibration import smallest_noise_multiplier
 from fedpeft.privacy.secret import OS_SECRET, SecretSource
@@ -97,7 +98,7 @@ def calibrate_client_noise(target_epsilon: float, delta: float, num_clients: int
     )
 
 
-class _NoisePrivateArraysOnly:
+class _NoisePrivateArraysOnly(DPWrapperHooks):
     """Mixin over a Flower DP wrapper: noise on ``private_keys`` only, from the secret
     source, scaled to the clipping norm the round's updates were clipped with.
 
@@ -125,12 +126,12 @@ class _NoisePrivateArraysOnly:
         self.noise_rng = self.secret.generator("server-noise", self.round_offset + server_round)
         return super().aggregate_train(server_round, replies)
 
-    def _geometric_update(self, clipped_fraction: float) -> None:
+    def update_clipping_norm(self, clipped_fraction: float) -> None:
         self.round_clipping_norm = self.clipping_norm
         unclipped = 1.0 - clipped_fraction
         self.clipping_norm *= math.exp(-self.clip_norm_lr * (unclipped - self.target_clipped_quantile))
 
-    def _noisy_fraction(self, count: int, total: int) -> float:
+    def noisy_clipped_fraction(self, count: int, total: int) -> float:
         return float(self.noise_rng.normal(count, self.clipped_count_stddev)) / float(total)
 
     def noise_std(self) -> float:
@@ -138,7 +139,7 @@ class _NoisePrivateArraysOnly:
         clip = getattr(self, "round_clipping_norm", self.clipping_norm)
         return compute_stdv(self.noise_multiplier, clip, self.num_sampled_clients)
 
-    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+    def add_noise(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
         std = self.noise_std()
         out = {}
         for key, array in aggregated_arrays.items():
@@ -150,15 +151,11 @@ class _NoisePrivateArraysOnly:
         return ArrayRecord(out)
 
 
-def _wrapper_class(base: type) -> type:
-    return type(f"Private{base.__name__}", (_NoisePrivateArraysOnly, base), {})
-
-
 _WRAPPERS = {
-    ("server", "fixed"): _wrapper_class(DifferentialPrivacyServerSideFixedClipping),
-    ("server", "adaptive"): _wrapper_class(DifferentialPrivacyServerSideAdaptiveClipping),
-    ("client", "fixed"): _wrapper_class(DifferentialPrivacyClientSideFixedClipping),
-    ("client", "adaptive"): _wrapper_class(DifferentialPrivacyClientSideAdaptiveClipping),
+    ("server", "fixed"): dp_wrapper_class(DifferentialPrivacyServerSideFixedClipping, _NoisePrivateArraysOnly),
+    ("server", "adaptive"): dp_wrapper_class(DifferentialPrivacyServerSideAdaptiveClipping, _NoisePrivateArraysOnly),
+    ("client", "fixed"): dp_wrapper_class(DifferentialPrivacyClientSideFixedClipping, _NoisePrivateArraysOnly),
+    ("client", "adaptive"): dp_wrapper_class(DifferentialPrivacyClientSideAdaptiveClipping, _NoisePrivateArraysOnly),
 }
 
 
