@@ -33,7 +33,7 @@ from fedpeft.privacy import (
     create_accountant,
     register_accountant,
 )
-from fedpeft.privacy import accounting
+from fedpeft.privacy.accountants import registry
 
 DELTA = 1e-5
 
@@ -340,7 +340,7 @@ def test_prv_refuses_a_grid_too_large_for_memory(monkeypatch):
 
 
 def test_register_a_custom_accountant(monkeypatch):
-    monkeypatch.setattr(accounting, "_ACCOUNTANTS", dict(accounting._ACCOUNTANTS))
+    monkeypatch.setattr(registry, "_ACCOUNTANTS", dict(registry._ACCOUNTANTS))
 
     @register_accountant("basic")
     class BasicComposition(Accountant):

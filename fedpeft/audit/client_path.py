@@ -73,7 +73,7 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
     from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
     from fedpeft.client.app import make_client_app
-    from fedpeft.privacy.accounting import compute_epsilon
+    from fedpeft.privacy.accountants import compute_epsilon
     from fedpeft.runtime import install_runtime
     from fedpeft.server.flower_strategy import payload_message
     from fedpeft.server.inprocess_grid import InProcessGrid

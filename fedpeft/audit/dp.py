@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from fedpeft.audit.observe import LocalResult, UploadFn, trainable_restored
-from fedpeft.privacy.accounting import accountant_title, check_delta, compute_epsilon
+from fedpeft.privacy.accountants import accountant_title, compute_epsilon
+from fedpeft.privacy.validation import check_delta
 from fedpeft.privacy.calibration import calibrate_noise
 from fedpeft.privacy.secret import OS_SECRET
 from fedpeft.privacy.dp_sgd import (

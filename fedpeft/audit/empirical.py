@@ -24,7 +24,7 @@ Two audits, each of one release of fedpeft's own mechanism:
   adds its noise with fedpeft's central-DP wrapper
   (:func:`fedpeft.privacy.client_level.wrap_client_dp`), and the score is the
   cosine between the canary and the released aggregate. Accounted with
-  :func:`fedpeft.privacy.client_level.client_level_epsilon` (replace-one).
+  :func:`fedpeft.privacy.accountants.client_level_epsilon` (replace-one).
 
 In both, half of the trials choose the score threshold and the other half
 measure FPR and FNR, so the interval is not biased by the choice.
@@ -236,7 +236,7 @@ def sample_level_audit(noise_multiplier: float, max_grad_norm: float, *, steps: 
         claim that the audit should catch (for tests).
     """
     from fedpeft.audit.dp import dp_upload
-    from fedpeft.privacy.accounting import compute_epsilon
+    from fedpeft.privacy.accountants import compute_epsilon
     from fedpeft.privacy.dp_sgd import DPSGD
 
     model = CanaryModel()
@@ -307,7 +307,8 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
     from flwr.serverapp.strategy import FedAvg
 
     from fedpeft.compat.flwr_internals import set_server_task_identity
-    from fedpeft.privacy.client_level import client_level_epsilon, wrap_client_dp
+    from fedpeft.privacy.accountants import client_level_epsilon
+    from fedpeft.privacy.client_level import wrap_client_dp
     from fedpeft.privacy.secret import OS_SECRET
     from fedpeft.sampling import secret_sample_clients
 

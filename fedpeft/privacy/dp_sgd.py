@@ -11,7 +11,7 @@ differently:
   drawn from the client's seeded generator, so the accounting assumption
   holds and a run is repeatable; an empty draw still takes a noise-only step;
 * the accountant lives with the client across rounds
-  (:mod:`fedpeft.privacy.accounting`), not in a per-run engine;
+  (:mod:`fedpeft.privacy.accountants`), not in a per-run engine;
 * the hooks are removed after the local steps, because the same resident
   model also evaluates and serves other roles in this process.
 """

@@ -16,9 +16,9 @@ from functools import lru_cache
 from typing import Any
 
 from fedpeft.errors import ConfigError
-from fedpeft.privacy.accounting import accountant_title, check_delta, compute_epsilon
-from fedpeft.privacy.calibration import calibrate_noise
-from fedpeft.privacy.client_level import calibrate_client_noise, client_level_epsilon
+from fedpeft.privacy.accountants import accountant_title, client_level_epsilon, compute_epsilon
+from fedpeft.privacy.calibration import calibrate_client_noise, calibrate_noise
+from fedpeft.privacy.validation import check_delta
 from fedpeft.sampling import participation
 
 __all__ = ["DPPlan", "make_dp_plan"]

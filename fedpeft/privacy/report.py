@@ -6,12 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fedpeft.privacy.accounting import Accountant, Segment, accountant_title, check_delta
+from fedpeft.privacy.accountants import UNITS, Accountant, Segment, accountant_title
+from fedpeft.privacy.validation import check_delta
 
-__all__ = ["PrivacyReport", "UNITS"]
-
-UNITS = ("sample", "client")
-"""What one record is: a training example (DP-SGD) or a whole client (DP-FedAvg)."""
+__all__ = ["PrivacyReport"]
 
 
 @dataclass(frozen=True)
