@@ -22,7 +22,6 @@ so the victim's upload is unchanged and the attacks are expected to work.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from fedpeft.privacy.dp_sgd import (
     check_private_model,
     dp_optimizer,
     grad_sample_module,
+    per_sample_hooks,
     per_sample_loss,
     poisson_batches,
     private_steps,
@@ -185,8 +185,6 @@ def dp_image_upload(mechanism: DPSGD):
     gradient, ``(sent - after) / (lr * steps)``. The model's trainable
     tensors are restored afterwards.
     """
-    from opacus import GradSampleModule
-
     from fedpeft.audit.attacks.gradient_matching import trainable_tensors
 
     def upload(model, x: torch.Tensor, y: torch.Tensor, *, local_steps: int, lr: float, seed: int) -> dict[str, torch.Tensor]:
@@ -196,15 +194,12 @@ def dp_image_upload(mechanism: DPSGD):
         schedule = poisson_batches(np.arange(len(x)), local_steps, mechanism.sample_rate,
                                    OS_SECRET.generator("dp-sgd-batches"))
         was_training = model.training
-        gsm = GradSampleModule(model, loss_reduction="mean", strict=True)
         first: dict[str, torch.Tensor] = {}
         try:
-            gsm.train()  # opacus records activations in training mode only
-            opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), mechanism, mechanism.sample_rate * len(x),
-                               OS_SECRET.torch_generator("dp-sgd-noise"))
-            with warnings.catch_warnings():
-                # The images need no grad, so torch warns; the hooks still see every activation.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            with per_sample_hooks(model) as gsm:
+                gsm.train()  # opacus records activations in training mode only
+                opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), mechanism,
+                                   mechanism.sample_rate * len(x), OS_SECRET.torch_generator("dp-sgd-noise"))
                 for _ in private_steps(opt, schedule, lambda idx: torch.nn.functional.cross_entropy(
                         gsm(x[torch.as_tensor(idx)]), y[torch.as_tensor(idx)])):
                     if not first:
@@ -214,15 +209,11 @@ def dp_image_upload(mechanism: DPSGD):
                 return first
             return {k: (start[k] - p.detach()) / (lr * local_steps) for k, p in params.items()}
         finally:
-            gsm.remove_hooks()
             model.train(was_training)
             with torch.no_grad():  # the server's copy goes back to the global state
                 for k, p in params.items():
                     p.copy_(start[k])
                     p.grad = None
-                    for attr in ("grad_sample", "summed_grad"):
-                        if hasattr(p, attr):
-                            delattr(p, attr)
 
     return upload
 
