@@ -77,7 +77,7 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
     from fedpeft.runtime import install_runtime
     from fedpeft.server.flower_strategy import payload_message
     from fedpeft.server.inprocess_grid import InProcessGrid
-    from fedpeft.wire import ARRAYS, from_array_record
+    from fedpeft.wire import ARRAYS, DP_SAMPLE_RATE, from_array_record
 
     labels = [i % 2 for i in range(others)] + [0]
     base = Config(
@@ -100,8 +100,9 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
 
     def upload(present: bool, server_round: int) -> dict[str, np.ndarray]:
         """One train message to a fresh client node holding ``present``'s world."""
+        # The batch is the whole shard: q = 1, as a DP plan for this one client would send.
         config = ConfigRecord({"server-round": server_round, "dp-noise-multiplier": float(noise_multiplier),
-                               "dp-prior-steps": 0})
+                               DP_SAMPLE_RATE: 1.0, "dp-prior-steps": 0})
         msg = payload_message(initial, config, MessageType.TRAIN, 1)
         context = Context(run_id=0, node_id=1, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
                           run_config={})

@@ -23,7 +23,7 @@ from fedpeft.privacy.dp_sgd import DPSGD
 from fedpeft.privacy.secret import secret_source
 from fedpeft.runtime import runtime
 from fedpeft.training import evaluate, train_steps
-from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, scalings_of, to_array_record
+from fedpeft.wire import ARRAYS, CONFIG, DP_SAMPLE_RATE, METRICS, from_array_record, scalings_of, to_array_record
 from strategies import ClientUpdate, Payload
 
 ACCOUNTANT = "dp-accountant"
@@ -49,12 +49,15 @@ def client_accountant(context: Context, name: str, prior: tuple[float, float, in
     return accountant
 
 
-def _dp_training(conf: Config, config, context: Context, shard_size: int):
-    """The DP-SGD mechanism and accountant of this train message (None, None without sample DP)."""
+def _dp_training(conf: Config, config, context: Context):
+    """The DP-SGD mechanism and accountant of this train message (None, None without sample DP).
+
+    Sigma and q come from the server's DP plan in the message, never recomputed here.
+    """
     if conf.dp.mode != "sample":
         return None, None
     sigma = float(config["dp-noise-multiplier"])
-    q = min(1.0, conf.train.batch_size / shard_size)
+    q = float(config[DP_SAMPLE_RATE])
     accountant = client_accountant(context, conf.dp.accountant, (sigma, q, int(config["dp-prior-steps"])))
     return DPSGD(sigma, conf.dp.max_grad_norm, q), accountant
 
@@ -92,7 +95,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         split, _ = rt.splits
         shard = rt.shards[cid]
         t = conf.train
-        dp, accountant = _dp_training(conf, config, context, len(shard))
+        dp, accountant = _dp_training(conf, config, context)
         metrics = train_steps(
             rt.model.model,
             split,

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedpeft.privacy.secret import OS_SECRET, SecretSource
 from fedpeft.sampling import sample_clients, secret_sample_clients
-from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, nbytes, payload_config, to_array_record
+from fedpeft.wire import ARRAYS, CONFIG, DP_SAMPLE_RATE, METRICS, from_array_record, nbytes, payload_config, to_array_record
 from strategies import Payload, ServerState
 from strategies import Strategy as LoRAStrategy
 
@@ -187,6 +187,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
             train_config = ConfigRecord({**dict(config), "server-round": server_round})
             if self.dp_plan is not None and self.dp_plan.unit == "sample":
                 train_config["dp-noise-multiplier"] = float(self.dp_plan.noise_multiplier)
+                train_config[DP_SAMPLE_RATE] = float(self.dp_plan.sample_rates[cid])
                 train_config["dp-prior-steps"] = self._sent_steps[(server_round, cid)] = self.dp_steps.get(cid, 0)
             messages.append(payload_message(payload, train_config, MessageType.TRAIN, self.node_ids[cid]))
         return messages
