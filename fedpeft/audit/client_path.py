@@ -30,6 +30,7 @@ import torch
 from fedpeft.audit.empirical import EmpiricalAudit, _ceiling, best_test
 from fedpeft.config import Config, DataConfig, DPConfig, FederationConfig, ModelConfig, TrainConfig
 from fedpeft.data.types import TextClassificationData
+from fedpeft.privacy.report import PrivacyReport
 
 __all__ = ["client_path_audit"]
 
@@ -130,11 +131,13 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
     lower, threshold, fp, fn, test = best_test(candidates, delta, confidence)
     claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
     eps = compute_epsilon(claimed, 1.0, steps, delta, "pld", "replace-one") if claimed > 0 else math.inf
-    return EmpiricalAudit("sample", lower, float(eps), "pld (replace-one)", delta, confidence, noise_multiplier,
-                          max_grad_norm, trials, threshold, fp, fn, _ceiling(trials, delta, confidence),
+    claim = PrivacyReport("sample", "pld (replace-one)", delta, float(claimed), 1.0, steps, float(eps),
+                          ((float(claimed), 1.0, steps),), relation="replace-one")
+    return EmpiricalAudit(claim, lower, confidence, noise_multiplier, max_grad_norm, trials, threshold, fp, fn,
+                          _ceiling(trials, delta, confidence),
                           f"one client round of the real ClientApp (tiny BERT, LoRA + head): {steps} DP-SGD step(s), "
                           f"q = 1, {others} other examples; canary / ordinary example in its slot (replace-one)",
-                          test=test, relation="replace-one")
+                          test=test)
 
 
 def _canary_direction(worlds, sent: dict[str, np.ndarray], clip: float) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ so the victim's upload is unchanged and the attacks are expected to work.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from fedpeft.audit.observe import LocalResult, UploadFn, trainable_restored
 from fedpeft.privacy.accountants import accountant_title, compute_epsilon
 from fedpeft.privacy.validation import check_delta
 from fedpeft.privacy.calibration import calibrate_noise
+from fedpeft.privacy.report import PrivacyReport
 from fedpeft.privacy.secret import OS_SECRET
 from fedpeft.privacy.dp_sgd import (
     DPSGD,
@@ -87,6 +88,14 @@ class VictimDP:
     def mechanism(self) -> DPSGD:
         return DPSGD(self.noise_multiplier, self.max_grad_norm, self.sample_rate)
 
+    @property
+    def report(self) -> PrivacyReport:
+        """The guarantee of the observed release (sample unit, replace-one example)."""
+        return PrivacyReport(unit="sample", accountant=self.accountant, delta=self.delta,
+                             noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps,
+                             epsilon=self.epsilon, history=((self.noise_multiplier, self.sample_rate, self.steps),),
+                             relation=VICTIM_RELATION)
+
     def describe(self) -> str:
         """One line for the report: unit, sigma, C, q, steps, accountant, delta, epsilon."""
         target = f", calibrated for epsilon <= {self.target_epsilon:g}" if self.target_epsilon else ""
@@ -95,7 +104,9 @@ class VictimDP:
                 f"epsilon = {self.epsilon:.3g} (replace-one example) at delta = {self.delta:g}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "unit": "sample", "relation": VICTIM_RELATION, "describe": self.describe()}
+        """``audit.json``'s ``dp`` block: the :attr:`report`'s fields and the mechanism's."""
+        return {**self.report.to_dict(), "max_grad_norm": self.max_grad_norm, "target_epsilon": self.target_epsilon,
+                "describe": self.describe()}
 
 
 def victim_dp(dp_cfg, local_steps: int, batch_size: int) -> VictimDP | None:

@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import beta
+
+from fedpeft.privacy.report import PrivacyReport
 
 __all__ = ["clopper_pearson_upper", "epsilon_lower_bound", "EmpiricalAudit", "audit_scores", "sample_level_audit",
            "client_level_audit"]
@@ -78,16 +80,16 @@ class EmpiricalAudit:
 
     Attributes
     ----------
-    unit : str
-        ``"sample"`` or ``"client"``.
+    claim : fedpeft.privacy.PrivacyReport
+        The accountant's guarantee for the same release (its epsilon is inf
+        without noise): unit, accountant, delta, relation. Its noise
+        multiplier is the one claimed, which a test may set apart from the
+        one run.
     epsilon_lower : float
         The empirical lower bound at ``confidence``.
-    epsilon_accountant : float
-        The accountant's epsilon of the same release (inf without noise).
-    accountant : str
-        Which accountant gave it.
-    delta, confidence : float
+    confidence : float
     noise_multiplier, clipping_norm : float
+        The mechanism run.
     trials : int
         Trials per side (canary in / canary out).
     threshold : float
@@ -102,15 +104,10 @@ class EmpiricalAudit:
     test : str
         The membership test the adversary chose on the first half of the
         trials (see :data:`ADVERSARY`).
-    relation : str
-        The neighbouring relation of the two worlds and of the accountant's epsilon.
     """
 
-    unit: str
+    claim: PrivacyReport
     epsilon_lower: float
-    epsilon_accountant: float
-    accountant: str
-    delta: float
     confidence: float
     noise_multiplier: float
     clipping_norm: float
@@ -121,7 +118,28 @@ class EmpiricalAudit:
     max_lower: float
     details: str
     test: str = "score"
-    relation: str = "add-remove"
+
+    @property
+    def unit(self) -> str:
+        return self.claim.unit
+
+    @property
+    def epsilon_accountant(self) -> float:
+        """The accountant's epsilon of the release (the claim's)."""
+        return self.claim.epsilon
+
+    @property
+    def accountant(self) -> str:
+        return self.claim.accountant
+
+    @property
+    def delta(self) -> float:
+        return self.claim.delta
+
+    @property
+    def relation(self) -> str:
+        """The neighbouring relation of the two worlds and of the accountant's epsilon."""
+        return self.claim.relation
 
     @property
     def has_power(self) -> bool:
@@ -129,7 +147,27 @@ class EmpiricalAudit:
         return self.max_lower > self.epsilon_accountant
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "has_power": self.has_power, "adversary": ADVERSARY}
+        """``audit.json``'s ``empirical`` block."""
+        return {
+            "unit": self.unit,
+            "epsilon_lower": self.epsilon_lower,
+            "epsilon_accountant": self.epsilon_accountant,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "confidence": self.confidence,
+            "noise_multiplier": self.noise_multiplier,
+            "clipping_norm": self.clipping_norm,
+            "trials": self.trials,
+            "threshold": self.threshold,
+            "false_pos": self.false_pos,
+            "false_neg": self.false_neg,
+            "max_lower": self.max_lower,
+            "details": self.details,
+            "test": self.test,
+            "relation": self.relation,
+            "has_power": self.has_power,
+            "adversary": ADVERSARY,
+        }
 
 
 ADVERSARY = ("an honest-but-curious server that knows the code, the config, every trial's public seed and both "
@@ -275,10 +313,11 @@ def sample_level_audit(noise_multiplier: float, max_grad_norm: float, *, steps: 
     ceiling = _ceiling(trials, delta, confidence)
     claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
     eps = compute_epsilon(claimed, 1.0, steps, delta, accountant) if claimed > 0 else math.inf
-    return EmpiricalAudit("sample", lower, float(eps), accountant, delta, confidence, noise_multiplier, max_grad_norm, trials,
-                          threshold, fp, fn, ceiling, f"one victim round: {steps} DP-SGD step(s), q = 1, {others} other examples, "
-                                             "canary inserted / left out (add-remove; the divisor is a constant)",
-                          test=test, relation="add-remove")
+    claim = PrivacyReport("sample", accountant, delta, float(claimed), 1.0, steps, float(eps),
+                          ((float(claimed), 1.0, steps),), relation="add-remove")
+    return EmpiricalAudit(claim, lower, confidence, noise_multiplier, max_grad_norm, trials, threshold, fp, fn, ceiling,
+                          f"one victim round: {steps} DP-SGD step(s), q = 1, {others} other examples, "
+                          "canary inserted / left out (add-remove; the divisor is a constant)", test=test)
 
 
 # --- client level -----------------------------------------------------------------
@@ -356,10 +395,12 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
     ceiling = _ceiling(trials, delta, confidence)
     claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
     eps = client_level_epsilon(float(claimed), num_clients, clients_per_round, 1, delta)
-    return EmpiricalAudit("client", lower, float(eps), "rdp (replace-one, sampled without replacement)", delta, confidence,
-                          noise_multiplier, clipping_norm, trials, threshold, fp, fn, ceiling,
+    rate = clients_per_round / num_clients
+    claim = PrivacyReport("client", "rdp (replace-one, sampled without replacement)", delta, float(claimed), rate, 1,
+                          float(eps), ((float(claimed), rate, 1),), relation="replace-one client")
+    return EmpiricalAudit(claim, lower, confidence, noise_multiplier, clipping_norm, trials, threshold, fp, fn, ceiling,
                           f"one round: {clients_per_round} of {num_clients} clients, uploads of dimension {dim}, "
-                          "canary replaces a client / held out", test=test, relation="replace-one client")
+                          "canary replaces a client / held out", test=test)
 
 
 def _wrapper_release(server, server_round: int, current: np.ndarray, uploads: list[np.ndarray]) -> np.ndarray:

@@ -18,10 +18,17 @@ from typing import Any
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.accountants import accountant_title, client_level_epsilon, compute_epsilon
 from fedpeft.privacy.calibration import calibrate_client_noise, calibrate_noise
+from fedpeft.privacy.report import PrivacyReport
 from fedpeft.privacy.validation import check_delta
 from fedpeft.sampling import participation
 
-__all__ = ["DPPlan", "make_dp_plan"]
+__all__ = ["DPPlan", "make_dp_plan", "RELATION_TEXT"]
+
+RELATION_TEXT = {
+    "sample": "replace-one example of a client's shard (shard sizes are public)",
+    "client": "replace-one client",
+}
+"""How the run folder writes each unit's neighbouring relation."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,26 @@ class DPPlan:
             return 0.0
         return compute_epsilon(self.noise_multiplier, self.sample_rates[client], steps, self.delta, self.accountant,
                                self.relation)
+
+    def report(self, client: int, steps: int, epsilon: float | None = None) -> PrivacyReport:
+        """The guarantee of ``client`` after ``steps`` (client level: ``client = -1``, ``steps`` = rounds).
+
+        ``epsilon`` is the plan's own (:meth:`epsilon_after`) unless given,
+        e.g. the largest epsilon the clients' accountants reported (then the
+        report carries no history: the plan's would not be the one accounted).
+        """
+        planned = epsilon is None and steps > 0
+        return PrivacyReport(
+            unit=self.unit,
+            accountant=self.accountant,
+            delta=self.delta,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rates[client],
+            steps=steps,
+            epsilon=self.epsilon_after(client, steps) if epsilon is None else epsilon,
+            history=((self.noise_multiplier, self.sample_rates[client], steps),) if planned else (),
+            relation=RELATION_TEXT[self.unit],
+        )
 
     def planned_epsilon(self) -> float:
         """The largest epsilon any client reaches if the run completes."""
