@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedpeft.client.app import ACCOUNTANT, make_client_app
@@ -61,3 +62,17 @@ def test_the_client_uses_the_received_q_rather_than_recomputing_it():
     context = fresh_context(cid)
     make_client_app(cfg)(msg, context)
     assert list(context.state.config_records[ACCOUNTANT]["sample_rates"]) == [sent]
+
+
+def test_a_train_message_without_the_plans_q_is_refused():
+    set_server_task_identity()
+    cfg = load_config(None, SETTINGS)
+    rt = runtime(cfg)
+    initial = rt.model.initial
+    state = rt.strategy.initialize(initial.factors, extras=initial.extras)
+    server = FlowerLoRAStrategy(rt.strategy, state, {c: c + 1 for c in range(4)}, 4, cfg.federation.seed,
+                                dp_plan=rt.dp_plan)
+    msg = next(iter(server.configure_train(1, ArrayRecord(), ConfigRecord(), None)))
+    del msg.content[CONFIG][DP_SAMPLE_RATE]
+    with pytest.raises(ValueError, match="dp-sample-rate"):
+        make_client_app(cfg)(msg, fresh_context(msg.metadata.dst_node_id - 1))

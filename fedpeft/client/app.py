@@ -56,6 +56,9 @@ def _dp_training(conf: Config, config, context: Context):
     """
     if conf.dp.mode != "sample":
         return None, None
+    if DP_SAMPLE_RATE not in config:
+        raise ValueError(f"a train message under dp.mode = 'sample' must carry {DP_SAMPLE_RATE!r}, the DP plan's q "
+                         "for this client (fedpeft's server sends it with dp-noise-multiplier)")
     sigma = float(config["dp-noise-multiplier"])
     q = float(config[DP_SAMPLE_RATE])
     accountant = client_accountant(context, conf.dp.accountant, (sigma, q, int(config["dp-prior-steps"])))
