@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import ConfigError
+from fedpeft.privacy.validation import validate_dp
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 
@@ -331,54 +332,6 @@ def validate(cfg: Config) -> None:
             f"use one of: {', '.join(able)}"
         )
     validate_dp(cfg, strategy)
-
-
-def validate_dp(cfg: Config, strategy) -> None:
-    """Settings a DP claim cannot honour are errors, never a silently wrong epsilon."""
-    dp = cfg.dp
-    if dp.accountant == "auto":  # resolved here so summary.json names the accountant used
-        dp.accountant = "rdp" if dp.mode == "client" else "pld"
-    if dp.mode == "none":
-        return
-    from fedpeft.privacy.secret import secret_source
-
-    secret_source(dp)  # a missing or empty secret file stops here, before anything is written
-    if dp.mode == "sample" and dp.accountant != "pld":
-        raise ConfigError(
-            f"dp.accountant = {dp.accountant!r} with dp.mode = 'sample': shard sizes are public in fedpeft (they set "
-            "the aggregation weights and each client's q = batch_size / n), so the guarantee is for replacing one "
-            "example, which only 'pld' accounts (rdp and prv cover add/remove only); use dp.accountant = 'pld' or 'auto'"
-        )
-    if dp.delta <= 0.0:
-        raise ConfigError(f"dp.delta = {dp.delta!r}: a DP guarantee needs a delta in (0, 1 / records), e.g. 1e-5")
-    if dp.max_grad_norm <= 0.0:
-        raise ConfigError(f"dp.max_grad_norm = {dp.max_grad_norm!r}: the clipping norm must be > 0")
-    if dp.target_epsilon == 0.0 and dp.noise_multiplier <= 0.0:
-        raise ConfigError("dp.noise_multiplier = 0 adds no noise (epsilon = inf); set it > 0 or set dp.target_epsilon")
-    if cfg.federation.client_eval:
-        raise ConfigError(
-            f"federation.client_eval = true with dp.mode = {dp.mode!r}: each client's accuracy on its own shard would "
-            "be released without noise; turn client_eval off (the global test set is still evaluated)"
-        )
-    if dp.mode == "sample" and cfg.train.batch_sampling == "shuffle":
-        raise ConfigError(
-            "train.batch_sampling = 'shuffle' with dp.mode = 'sample': the sample-level accounting assumes Poisson "
-            "batches; use train.batch_sampling = 'poisson' or 'auto'"
-        )
-    if dp.mode == "client":
-        if strategy.client_dp_unsafe:
-            import strategies
-
-            safe = [n for n in strategies.available() if not strategies.get(n).client_dp_unsafe]
-            raise ConfigError(
-                f"dp.mode = 'client' with strategy {cfg.strategy_name!r} would not be DP: {strategy.client_dp_unsafe}; "
-                f"use one of: {', '.join(safe)} (or dp.mode = 'sample', which any strategy keeps)"
-            )
-        if dp.accountant != "rdp":
-            raise ConfigError(
-                f"dp.accountant = {dp.accountant!r} with dp.mode = 'client': clients are sampled without replacement, "
-                "which only 'rdp' accounts for (dp-accounting's sampled-without-replacement RDP)"
-            )
 
 
 def batch_sampling(cfg: Config) -> str:

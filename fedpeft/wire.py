@@ -33,6 +33,9 @@ DP_EPSILON = "dp-epsilon"
 """MetricRecord key (sample-level DP): the client's epsilon after this round."""
 DP_STEPS = "dp-steps"
 """MetricRecord key (sample-level DP): the client's DP-SGD steps after this round."""
+DP_SAMPLE_RATE = "dp-sample-rate"
+"""Train-config key: the client's Poisson rate q from the DP plan (sample-level DP). The plan is
+the one source of q: a client that computed its own could disagree and silently break the accounting."""
 SCALING_PREFIX = "scaling/"
 """Config keys ``scaling/<module>`` carry each module's LoRA scaling. They share the
 one ConfigRecord of a message because Flower's DP client mods require exactly one."""

@@ -7,7 +7,9 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from fedpeft.config import DPConfig
-from fedpeft.privacy.client_level import calibrate_client_noise, client_level_epsilon, wrap_client_dp
+from fedpeft.privacy.accountants import client_level_epsilon
+from fedpeft.privacy.calibration import calibrate_client_noise
+from fedpeft.privacy.client_level import wrap_client_dp
 from fedpeft.privacy.secret import secret_source
 
 N = 200_000

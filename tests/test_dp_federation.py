@@ -20,8 +20,8 @@ from dp_accounting import pld
 
 from fedpeft.config import load_config
 from fedpeft.engine import run_engine
-from fedpeft.privacy.client_level import client_level_epsilon
-from fedpeft.privacy.plan import participation
+from fedpeft.privacy.accountants import client_level_epsilon
+from fedpeft.sampling import participation
 from fedpeft.runtime import runtime
 from fedpeft.server.run_folder import RunFolder
 

@@ -27,7 +27,7 @@ from fedpeft.runtime import runtime
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload, payload_message
 from fedpeft.server.inprocess_grid import InProcessGrid
 from fedpeft.server.run_folder import RunFolder
-from fedpeft.wire import ARRAYS, CONFIG, METRICS, from_array_record, to_array_record
+from fedpeft.wire import ARRAYS, CONFIG, DP_SAMPLE_RATE, METRICS, from_array_record, to_array_record
 
 TINY = ['model.name="tiny-bert"', 'federation.engine="inprocess"', "federation.num_clients=2", "federation.num_rounds=1",
         "train.local_steps=2", "train.batch_size=8", "data.max_examples_per_client=32", "data.max_test_examples=16",
@@ -55,8 +55,10 @@ def test_dp_runs_with_one_seed_differ_and_plain_runs_repeat(tmp_path):
 def client_upload(cfg, server_round: int = 1) -> dict[str, np.ndarray]:
     """One train message to the real ClientApp on a fresh node: what the server would get, or replay."""
     rt = runtime(cfg)
-    config = ConfigRecord({"server-round": server_round, "dp-prior-steps": 0,
-                           **({"dp-noise-multiplier": cfg.dp.noise_multiplier} if cfg.dp.mode == "sample" else {})})
+    # Under sample-level DP the server sends sigma and the client's q from the run's DP plan.
+    dp = ({"dp-noise-multiplier": cfg.dp.noise_multiplier, DP_SAMPLE_RATE: rt.dp_plan.sample_rates[0]}
+          if cfg.dp.mode == "sample" else {})
+    config = ConfigRecord({"server-round": server_round, "dp-prior-steps": 0, **dp})
     grid = InProcessGrid(make_client_app(cfg), 1)
     msg = payload_message(rt.model.initial, config, MessageType.TRAIN, 1)
     return from_array_record(grid.client_app(msg, grid.contexts[1]).content[ARRAYS])

@@ -30,6 +30,7 @@ import torch
 from fedpeft.audit.empirical import EmpiricalAudit, _ceiling, best_test
 from fedpeft.config import Config, DataConfig, DPConfig, FederationConfig, ModelConfig, TrainConfig
 from fedpeft.data.types import TextClassificationData
+from fedpeft.privacy.report import PrivacyReport
 
 __all__ = ["client_path_audit"]
 
@@ -73,11 +74,11 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
     from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
     from fedpeft.client.app import make_client_app
-    from fedpeft.privacy.accounting import compute_epsilon
+    from fedpeft.privacy.accountants import compute_epsilon
     from fedpeft.runtime import install_runtime
     from fedpeft.server.flower_strategy import payload_message
     from fedpeft.server.inprocess_grid import InProcessGrid
-    from fedpeft.wire import ARRAYS, from_array_record
+    from fedpeft.wire import ARRAYS, DP_SAMPLE_RATE, from_array_record
 
     labels = [i % 2 for i in range(others)] + [0]
     base = Config(
@@ -100,8 +101,9 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
 
     def upload(present: bool, server_round: int) -> dict[str, np.ndarray]:
         """One train message to a fresh client node holding ``present``'s world."""
+        # The batch is the whole shard: q = 1, as a DP plan for this one client would send.
         config = ConfigRecord({"server-round": server_round, "dp-noise-multiplier": float(noise_multiplier),
-                               "dp-prior-steps": 0})
+                               DP_SAMPLE_RATE: 1.0, "dp-prior-steps": 0})
         msg = payload_message(initial, config, MessageType.TRAIN, 1)
         context = Context(run_id=0, node_id=1, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
                           run_config={})
@@ -129,11 +131,13 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
     lower, threshold, fp, fn, test = best_test(candidates, delta, confidence)
     claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
     eps = compute_epsilon(claimed, 1.0, steps, delta, "pld", "replace-one") if claimed > 0 else math.inf
-    return EmpiricalAudit("sample", lower, float(eps), "pld (replace-one)", delta, confidence, noise_multiplier,
-                          max_grad_norm, trials, threshold, fp, fn, _ceiling(trials, delta, confidence),
+    claim = PrivacyReport("sample", "pld (replace-one)", delta, float(claimed), 1.0, steps, float(eps),
+                          ((float(claimed), 1.0, steps),), relation="replace-one")
+    return EmpiricalAudit(claim, lower, confidence, noise_multiplier, max_grad_norm, trials, threshold, fp, fn,
+                          _ceiling(trials, delta, confidence),
                           f"one client round of the real ClientApp (tiny BERT, LoRA + head): {steps} DP-SGD step(s), "
                           f"q = 1, {others} other examples; canary / ordinary example in its slot (replace-one)",
-                          test=test, relation="replace-one")
+                          test=test)
 
 
 def _canary_direction(worlds, sent: dict[str, np.ndarray], clip: float) -> dict[str, np.ndarray]:

@@ -22,22 +22,24 @@ so the victim's upload is unchanged and the attacks are expected to work.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedpeft.audit.observe import LocalResult, UploadFn, trainable_restored
-from fedpeft.privacy.accounting import accountant_title, check_delta, compute_epsilon
+from fedpeft.privacy.accountants import accountant_title, compute_epsilon
+from fedpeft.privacy.validation import check_delta
 from fedpeft.privacy.calibration import calibrate_noise
+from fedpeft.privacy.report import PrivacyReport
 from fedpeft.privacy.secret import OS_SECRET
 from fedpeft.privacy.dp_sgd import (
     DPSGD,
     check_private_model,
     dp_optimizer,
     grad_sample_module,
+    per_sample_hooks,
     per_sample_loss,
     poisson_batches,
     private_steps,
@@ -86,6 +88,14 @@ class VictimDP:
     def mechanism(self) -> DPSGD:
         return DPSGD(self.noise_multiplier, self.max_grad_norm, self.sample_rate)
 
+    @property
+    def report(self) -> PrivacyReport:
+        """The guarantee of the observed release (sample unit, replace-one example)."""
+        return PrivacyReport(unit="sample", accountant=self.accountant, delta=self.delta,
+                             noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps,
+                             epsilon=self.epsilon, history=((self.noise_multiplier, self.sample_rate, self.steps),),
+                             relation=VICTIM_RELATION)
+
     def describe(self) -> str:
         """One line for the report: unit, sigma, C, q, steps, accountant, delta, epsilon."""
         target = f", calibrated for epsilon <= {self.target_epsilon:g}" if self.target_epsilon else ""
@@ -94,7 +104,9 @@ class VictimDP:
                 f"epsilon = {self.epsilon:.3g} (replace-one example) at delta = {self.delta:g}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "unit": "sample", "relation": VICTIM_RELATION, "describe": self.describe()}
+        """``audit.json``'s ``dp`` block: the :attr:`report`'s fields and the mechanism's."""
+        return {**self.report.to_dict(), "max_grad_norm": self.max_grad_norm, "target_epsilon": self.target_epsilon,
+                "describe": self.describe()}
 
 
 def victim_dp(dp_cfg, local_steps: int, batch_size: int) -> VictimDP | None:
@@ -184,8 +196,6 @@ def dp_image_upload(mechanism: DPSGD):
     gradient, ``(sent - after) / (lr * steps)``. The model's trainable
     tensors are restored afterwards.
     """
-    from opacus import GradSampleModule
-
     from fedpeft.audit.attacks.gradient_matching import trainable_tensors
 
     def upload(model, x: torch.Tensor, y: torch.Tensor, *, local_steps: int, lr: float, seed: int) -> dict[str, torch.Tensor]:
@@ -195,15 +205,12 @@ def dp_image_upload(mechanism: DPSGD):
         schedule = poisson_batches(np.arange(len(x)), local_steps, mechanism.sample_rate,
                                    OS_SECRET.generator("dp-sgd-batches"))
         was_training = model.training
-        gsm = GradSampleModule(model, loss_reduction="mean", strict=True)
         first: dict[str, torch.Tensor] = {}
         try:
-            gsm.train()  # opacus records activations in training mode only
-            opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), mechanism, mechanism.sample_rate * len(x),
-                               OS_SECRET.torch_generator("dp-sgd-noise"))
-            with warnings.catch_warnings():
-                # The images need no grad, so torch warns; the hooks still see every activation.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            with per_sample_hooks(model) as gsm:
+                gsm.train()  # opacus records activations in training mode only
+                opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), mechanism,
+                                   mechanism.sample_rate * len(x), OS_SECRET.torch_generator("dp-sgd-noise"))
                 for _ in private_steps(opt, schedule, lambda idx: torch.nn.functional.cross_entropy(
                         gsm(x[torch.as_tensor(idx)]), y[torch.as_tensor(idx)])):
                     if not first:
@@ -213,15 +220,11 @@ def dp_image_upload(mechanism: DPSGD):
                 return first
             return {k: (start[k] - p.detach()) / (lr * local_steps) for k, p in params.items()}
         finally:
-            gsm.remove_hooks()
             model.train(was_training)
             with torch.no_grad():  # the server's copy goes back to the global state
                 for k, p in params.items():
                     p.copy_(start[k])
                     p.grad = None
-                    for attr in ("grad_sample", "summed_grad"):
-                        if hasattr(p, attr):
-                            delattr(p, attr)
 
     return upload
 

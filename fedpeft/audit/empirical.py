@@ -24,7 +24,7 @@ Two audits, each of one release of fedpeft's own mechanism:
   adds its noise with fedpeft's central-DP wrapper
   (:func:`fedpeft.privacy.client_level.wrap_client_dp`), and the score is the
   cosine between the canary and the released aggregate. Accounted with
-  :func:`fedpeft.privacy.client_level.client_level_epsilon` (replace-one).
+  :func:`fedpeft.privacy.accountants.client_level_epsilon` (replace-one).
 
 In both, half of the trials choose the score threshold and the other half
 measure FPR and FNR, so the interval is not biased by the choice.
@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import beta
+
+from fedpeft.privacy.report import PrivacyReport
 
 __all__ = ["clopper_pearson_upper", "epsilon_lower_bound", "EmpiricalAudit", "audit_scores", "sample_level_audit",
            "client_level_audit"]
@@ -78,16 +80,16 @@ class EmpiricalAudit:
 
     Attributes
     ----------
-    unit : str
-        ``"sample"`` or ``"client"``.
+    claim : fedpeft.privacy.PrivacyReport
+        The accountant's guarantee for the same release (its epsilon is inf
+        without noise): unit, accountant, delta, relation. Its noise
+        multiplier is the one claimed, which a test may set apart from the
+        one run.
     epsilon_lower : float
         The empirical lower bound at ``confidence``.
-    epsilon_accountant : float
-        The accountant's epsilon of the same release (inf without noise).
-    accountant : str
-        Which accountant gave it.
-    delta, confidence : float
+    confidence : float
     noise_multiplier, clipping_norm : float
+        The mechanism run.
     trials : int
         Trials per side (canary in / canary out).
     threshold : float
@@ -102,15 +104,10 @@ class EmpiricalAudit:
     test : str
         The membership test the adversary chose on the first half of the
         trials (see :data:`ADVERSARY`).
-    relation : str
-        The neighbouring relation of the two worlds and of the accountant's epsilon.
     """
 
-    unit: str
+    claim: PrivacyReport
     epsilon_lower: float
-    epsilon_accountant: float
-    accountant: str
-    delta: float
     confidence: float
     noise_multiplier: float
     clipping_norm: float
@@ -121,7 +118,28 @@ class EmpiricalAudit:
     max_lower: float
     details: str
     test: str = "score"
-    relation: str = "add-remove"
+
+    @property
+    def unit(self) -> str:
+        return self.claim.unit
+
+    @property
+    def epsilon_accountant(self) -> float:
+        """The accountant's epsilon of the release (the claim's)."""
+        return self.claim.epsilon
+
+    @property
+    def accountant(self) -> str:
+        return self.claim.accountant
+
+    @property
+    def delta(self) -> float:
+        return self.claim.delta
+
+    @property
+    def relation(self) -> str:
+        """The neighbouring relation of the two worlds and of the accountant's epsilon."""
+        return self.claim.relation
 
     @property
     def has_power(self) -> bool:
@@ -129,7 +147,27 @@ class EmpiricalAudit:
         return self.max_lower > self.epsilon_accountant
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "has_power": self.has_power, "adversary": ADVERSARY}
+        """``audit.json``'s ``empirical`` block."""
+        return {
+            "unit": self.unit,
+            "epsilon_lower": self.epsilon_lower,
+            "epsilon_accountant": self.epsilon_accountant,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "confidence": self.confidence,
+            "noise_multiplier": self.noise_multiplier,
+            "clipping_norm": self.clipping_norm,
+            "trials": self.trials,
+            "threshold": self.threshold,
+            "false_pos": self.false_pos,
+            "false_neg": self.false_neg,
+            "max_lower": self.max_lower,
+            "details": self.details,
+            "test": self.test,
+            "relation": self.relation,
+            "has_power": self.has_power,
+            "adversary": ADVERSARY,
+        }
 
 
 ADVERSARY = ("an honest-but-curious server that knows the code, the config, every trial's public seed and both "
@@ -236,7 +274,7 @@ def sample_level_audit(noise_multiplier: float, max_grad_norm: float, *, steps: 
         claim that the audit should catch (for tests).
     """
     from fedpeft.audit.dp import dp_upload
-    from fedpeft.privacy.accounting import compute_epsilon
+    from fedpeft.privacy.accountants import compute_epsilon
     from fedpeft.privacy.dp_sgd import DPSGD
 
     model = CanaryModel()
@@ -275,10 +313,11 @@ def sample_level_audit(noise_multiplier: float, max_grad_norm: float, *, steps: 
     ceiling = _ceiling(trials, delta, confidence)
     claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
     eps = compute_epsilon(claimed, 1.0, steps, delta, accountant) if claimed > 0 else math.inf
-    return EmpiricalAudit("sample", lower, float(eps), accountant, delta, confidence, noise_multiplier, max_grad_norm, trials,
-                          threshold, fp, fn, ceiling, f"one victim round: {steps} DP-SGD step(s), q = 1, {others} other examples, "
-                                             "canary inserted / left out (add-remove; the divisor is a constant)",
-                          test=test, relation="add-remove")
+    claim = PrivacyReport("sample", accountant, delta, float(claimed), 1.0, steps, float(eps),
+                          ((float(claimed), 1.0, steps),), relation="add-remove")
+    return EmpiricalAudit(claim, lower, confidence, noise_multiplier, max_grad_norm, trials, threshold, fp, fn, ceiling,
+                          f"one victim round: {steps} DP-SGD step(s), q = 1, {others} other examples, "
+                          "canary inserted / left out (add-remove; the divisor is a constant)", test=test)
 
 
 # --- client level -----------------------------------------------------------------
@@ -294,7 +333,7 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
     ``clipping_norm``); in a canary trial the last client's upload is a
     canary, a random direction of norm ``10 * clipping_norm`` (replace-one).
     The server draws the round's clients as fedpeft's does under client-level
-    DP (:func:`fedpeft.server.sampling.secret_sample_clients`), and the
+    DP (:func:`fedpeft.sampling.secret_sample_clients`), and the
     replies go through the real server-side wrapper
     (:func:`fedpeft.privacy.client_level.wrap_client_dp` around Flower's
     FedAvg: clipping, mean, secret noise). The adversary knows the code and
@@ -306,9 +345,11 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
     """
     from flwr.serverapp.strategy import FedAvg
 
-    from fedpeft.privacy.client_level import client_level_epsilon, wrap_client_dp
+    from fedpeft.compat.flwr_internals import set_server_task_identity
+    from fedpeft.privacy.accountants import client_level_epsilon
+    from fedpeft.privacy.client_level import wrap_client_dp
     from fedpeft.privacy.secret import OS_SECRET
-    from fedpeft.server.sampling import secret_sample_clients
+    from fedpeft.sampling import secret_sample_clients
 
     dp = SimpleNamespace(clip_on="server", clipping="fixed", max_grad_norm=clipping_norm)
     rng = np.random.default_rng([seed, 4242])
@@ -339,7 +380,7 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
         difference = cosine(released - replay, canary)
         return cosine(released, canary), difference, difference if num_clients - 1 in believed else -2.0
 
-    _set_task_identity()
+    set_server_task_identity()
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     flwr_log.setLevel(logging.WARNING)  # Flower logs every clipping and aggregation at INFO
@@ -354,18 +395,12 @@ def client_level_audit(noise_multiplier: float, clipping_norm: float, *, num_cli
     ceiling = _ceiling(trials, delta, confidence)
     claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
     eps = client_level_epsilon(float(claimed), num_clients, clients_per_round, 1, delta)
-    return EmpiricalAudit("client", lower, float(eps), "rdp (replace-one, sampled without replacement)", delta, confidence,
-                          noise_multiplier, clipping_norm, trials, threshold, fp, fn, ceiling,
+    rate = clients_per_round / num_clients
+    claim = PrivacyReport("client", "rdp (replace-one, sampled without replacement)", delta, float(claimed), rate, 1,
+                          float(eps), ((float(claimed), rate, 1),), relation="replace-one client")
+    return EmpiricalAudit(claim, lower, confidence, noise_multiplier, clipping_norm, trials, threshold, fp, fn, ceiling,
                           f"one round: {clients_per_round} of {num_clients} clients, uploads of dimension {dim}, "
-                          "canary replaces a client / held out", test=test, relation="replace-one client")
-
-
-def _set_task_identity() -> None:
-    """Flower stamps messages from the process's task identity; outside a runtime, set the server's."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, SUPERLINK_NODE_ID
+                          "canary replaces a client / held out", test=test)
 
 
 def _wrapper_release(server, server_round: int, current: np.ndarray, uploads: list[np.ndarray]) -> np.ndarray:

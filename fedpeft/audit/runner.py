@@ -414,7 +414,7 @@ def empirical_privacy(cfg: Config, s: AuditSettings, main_dp):
     dp, fed = cfg.dp, cfg.federation
     common = dict(trials=s.canary_trials, delta=dp.delta, confidence=s.confidence, seed=fed.seed)
     if dp.mode == "client":
-        from fedpeft.privacy.client_level import calibrate_client_noise
+        from fedpeft.privacy.calibration import calibrate_client_noise
 
         m = cfg.clients_per_round
         sigma = (calibrate_client_noise(dp.target_epsilon, dp.delta, fed.num_clients, m, fed.num_rounds)

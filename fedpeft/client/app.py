@@ -29,6 +29,7 @@ from fedpeft.wire import (
     DP_EPSILON,
     DP_NOISE_MULTIPLIER,
     DP_PRIOR_STEPS,
+    DP_SAMPLE_RATE,
     DP_STEPS,
     METRICS,
     NUM_EXAMPLES,
@@ -64,12 +65,18 @@ def client_accountant(context: Context, name: str, prior: tuple[float, float, in
     return accountant
 
 
-def _dp_training(conf: Config, config, context: Context, shard_size: int):
-    """The DP-SGD mechanism and accountant of this train message (None, None without sample DP)."""
+def _dp_training(conf: Config, config, context: Context):
+    """The DP-SGD mechanism and accountant of this train message (None, None without sample DP).
+
+    Sigma and q come from the server's DP plan in the message, never recomputed here.
+    """
     if conf.dp.mode != "sample":
         return None, None
+    if DP_SAMPLE_RATE not in config:
+        raise ValueError(f"a train message under dp.mode = 'sample' must carry {DP_SAMPLE_RATE!r}, the DP plan's q "
+                         f"for this client (fedpeft's server sends it with {DP_NOISE_MULTIPLIER!r})")
     sigma = float(config[DP_NOISE_MULTIPLIER])
-    q = min(1.0, conf.train.batch_size / shard_size)
+    q = float(config[DP_SAMPLE_RATE])
     accountant = client_accountant(context, conf.dp.accountant, (sigma, q, int(config[DP_PRIOR_STEPS])))
     return DPSGD(sigma, conf.dp.max_grad_norm, q), accountant
 
@@ -113,7 +120,7 @@ class ClientHandlers:
         split, _ = rt.splits
         shard = rt.shards[cid]
         t = conf.train
-        dp, accountant = _dp_training(conf, config, context, len(shard))
+        dp, accountant = _dp_training(conf, config, context)
         metrics = train_steps(
             rt.model.model,
             split,

@@ -11,17 +11,11 @@ import math
 from collections.abc import Callable
 
 from fedpeft.errors import ConfigError
-from fedpeft.privacy.accounting import (
-    PRVGridTooLarge,
-    check_accountant,
-    check_delta,
-    check_sample_rate,
-    check_steps,
-    check_target_epsilon,
-    compute_epsilon,
-)
+from fedpeft.privacy.accountants import PRVGridTooLarge, check_accountant, client_level_epsilon, compute_epsilon
+from fedpeft.privacy.validation import check_delta, check_sample_rate, check_steps, check_target_epsilon
 
-__all__ = ["calibrate_noise", "smallest_noise_multiplier", "MAX_NOISE_MULTIPLIER", "MIN_NOISE_MULTIPLIER"]
+__all__ = ["calibrate_noise", "calibrate_client_noise", "smallest_noise_multiplier", "MAX_NOISE_MULTIPLIER",
+           "MIN_NOISE_MULTIPLIER"]
 
 MAX_NOISE_MULTIPLIER = 1e6
 """Give up (ConfigError) if the target needs more noise than this (opacus's limit too)."""
@@ -79,6 +73,16 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             return math.inf
 
     return smallest_noise_multiplier(eps, target, rtol, f"delta={delta:g}, q={q:g}, {steps} steps, {relation}")
+
+
+def calibrate_client_noise(target_epsilon: float, delta: float, num_clients: int, clients_per_round: int,
+                           rounds: int) -> float:
+    """The smallest noise multiplier whose client-level epsilon after ``rounds`` is <= the target."""
+    return smallest_noise_multiplier(
+        lambda s: client_level_epsilon(s, num_clients, clients_per_round, rounds, delta),
+        target_epsilon,
+        setting=f"client level, {clients_per_round} of {num_clients} clients, {rounds} rounds, delta={delta:g}",
+    )
 
 
 def smallest_noise_multiplier(eps: Callable[[float], float], target: float, rtol: float = 0.005,

@@ -12,8 +12,9 @@ three things Flower leaves out:
   mean by up to ``2 C / m``: the mechanism is a Gaussian with noise
   multiplier ``sigma / 2`` relative to that sensitivity, amplified by
   sampling without replacement (Wang, Balle and Kasiviswanathan 2019, in
-  Google's dp-accounting RDP accountant). Flower's own accountant covers
-  neither the sampling nor this relation.
+  Google's dp-accounting RDP accountant:
+  :class:`fedpeft.privacy.accountants.ClientLevelRDPAccountant`). Flower's
+  own accountant covers neither the sampling nor this relation.
 * **Which rules it protects.** The noise is only meaningful if the new
   global arrays are the uniform mean of the uploads; rules that build
   anything else from individual updates are refused
@@ -31,9 +32,7 @@ three things Flower leaves out:
 
 from __future__ import annotations
 
-import logging
 import math
-from functools import lru_cache
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MessageType
@@ -46,58 +45,13 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_stdv
 
-from fedpeft.privacy.accounting import check_delta, check_noise_multiplier
-from fedpeft.privacy.calibration import smallest_noise_multiplier
+from fedpeft.compat.flwr_internals import DPWrapperHooks, dp_wrapper_class
 from fedpeft.privacy.secret import OS_SECRET, SecretSource
 
-__all__ = ["client_level_epsilon", "calibrate_client_noise", "wrap_client_dp", "client_clipping_mod"]
+__all__ = ["wrap_client_dp", "client_clipping_mod"]
 
 
-@lru_cache(maxsize=4096)
-def client_level_epsilon(noise_multiplier: float, num_clients: int, clients_per_round: int, rounds: int,
-                         delta: float) -> float:
-    """Epsilon (client unit, replace-one relation) after ``rounds`` noised aggregates.
-
-    Each round releases ``mean of m clipped uploads + N(0, (sigma C / m)^2)``
-    with ``m = clients_per_round`` drawn without replacement from
-    ``num_clients``. With adaptive clipping, ``sigma`` is the total noise
-    multiplier of the update and the clipped-count query together (Flower
-    splits it, Andrew et al. 2021), so the same number applies.
-    """
-    import dp_accounting
-    from dp_accounting import rdp
-
-    sigma = check_noise_multiplier(noise_multiplier)
-    delta = check_delta(delta)
-    if rounds <= 0:
-        return 0.0
-    if sigma == 0.0:
-        return math.inf
-    event = dp_accounting.GaussianDpEvent(sigma / 2.0)  # replace-one doubles the sensitivity
-    if clients_per_round < num_clients:
-        event = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, event)
-    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(rounds)))
-    absl = logging.getLogger("absl")  # it warns for every order it drops as not converging
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        return float(accountant.get_epsilon(delta))
-    finally:
-        absl.setLevel(level)
-
-
-def calibrate_client_noise(target_epsilon: float, delta: float, num_clients: int, clients_per_round: int,
-                           rounds: int) -> float:
-    """The smallest noise multiplier whose client-level epsilon after ``rounds`` is <= the target."""
-    return smallest_noise_multiplier(
-        lambda s: client_level_epsilon(s, num_clients, clients_per_round, rounds, delta),
-        target_epsilon,
-        setting=f"client level, {clients_per_round} of {num_clients} clients, {rounds} rounds, delta={delta:g}",
-    )
-
-
-class _NoisePrivateArraysOnly:
+class _NoisePrivateArraysOnly(DPWrapperHooks):
     """Mixin over a Flower DP wrapper: noise on ``private_keys`` only, from the secret
     source, scaled to the clipping norm the round's updates were clipped with.
 
@@ -125,12 +79,12 @@ class _NoisePrivateArraysOnly:
         self.noise_rng = self.secret.generator("server-noise", self.round_offset + server_round)
         return super().aggregate_train(server_round, replies)
 
-    def _geometric_update(self, clipped_fraction: float) -> None:
+    def update_clipping_norm(self, clipped_fraction: float) -> None:
         self.round_clipping_norm = self.clipping_norm
         unclipped = 1.0 - clipped_fraction
         self.clipping_norm *= math.exp(-self.clip_norm_lr * (unclipped - self.target_clipped_quantile))
 
-    def _noisy_fraction(self, count: int, total: int) -> float:
+    def noisy_clipped_fraction(self, count: int, total: int) -> float:
         return float(self.noise_rng.normal(count, self.clipped_count_stddev)) / float(total)
 
     def noise_std(self) -> float:
@@ -138,7 +92,7 @@ class _NoisePrivateArraysOnly:
         clip = getattr(self, "round_clipping_norm", self.clipping_norm)
         return compute_stdv(self.noise_multiplier, clip, self.num_sampled_clients)
 
-    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+    def add_noise(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
         std = self.noise_std()
         out = {}
         for key, array in aggregated_arrays.items():
@@ -150,15 +104,11 @@ class _NoisePrivateArraysOnly:
         return ArrayRecord(out)
 
 
-def _wrapper_class(base: type) -> type:
-    return type(f"Private{base.__name__}", (_NoisePrivateArraysOnly, base), {})
-
-
 _WRAPPERS = {
-    ("server", "fixed"): _wrapper_class(DifferentialPrivacyServerSideFixedClipping),
-    ("server", "adaptive"): _wrapper_class(DifferentialPrivacyServerSideAdaptiveClipping),
-    ("client", "fixed"): _wrapper_class(DifferentialPrivacyClientSideFixedClipping),
-    ("client", "adaptive"): _wrapper_class(DifferentialPrivacyClientSideAdaptiveClipping),
+    ("server", "fixed"): dp_wrapper_class(DifferentialPrivacyServerSideFixedClipping, _NoisePrivateArraysOnly),
+    ("server", "adaptive"): dp_wrapper_class(DifferentialPrivacyServerSideAdaptiveClipping, _NoisePrivateArraysOnly),
+    ("client", "fixed"): dp_wrapper_class(DifferentialPrivacyClientSideFixedClipping, _NoisePrivateArraysOnly),
+    ("client", "adaptive"): dp_wrapper_class(DifferentialPrivacyClientSideAdaptiveClipping, _NoisePrivateArraysOnly),
 }
 
 

@@ -11,7 +11,7 @@ differently:
   drawn from the client's seeded generator, so the accounting assumption
   holds and a run is repeatable; an empty draw still takes a noise-only step;
 * the accountant lives with the client across rounds
-  (:mod:`fedpeft.privacy.accounting`), not in a per-run engine;
+  (:mod:`fedpeft.privacy.accountants`), not in a per-run engine;
 * the hooks are removed after the local steps, because the same resident
   model also evaluates and serves other roles in this process.
 """
@@ -115,23 +115,49 @@ def per_sample_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: 
     return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
 
 
+GRAD_SAMPLE_ATTRIBUTES = ("grad_sample", "summed_grad")
+"""What opacus's hooks and ``DPOptimizer`` leave on each parameter."""
+
+
+def remove_grad_sample_hooks(gsm: GradSampleModule) -> None:
+    """Remove opacus's hooks from ``gsm`` and the per-sample state they left on its parameters.
+
+    The model stays resident and serves evaluation, the next round and the
+    audit in the same process: a hook left behind would record every later
+    forward pass, and a stale ``grad_sample`` would be clipped into the next
+    DP step.
+    """
+    gsm.remove_hooks()
+    for p in gsm.parameters():
+        for attr in GRAD_SAMPLE_ATTRIBUTES:
+            if hasattr(p, attr):
+                delattr(p, attr)
+
+
+@contextmanager
+def per_sample_hooks(module: torch.nn.Module) -> Iterator[GradSampleModule]:
+    """``module`` inside opacus's ``GradSampleModule``; hooks and per-sample state removed on exit.
+
+    Used by training (:func:`grad_sample_module`) and by the audit's image
+    victim alike, so both clean up the same way.
+    """
+    gsm = GradSampleModule(module, loss_reduction="mean", strict=True)
+    try:
+        with warnings.catch_warnings():
+            # Frozen inputs (embeddings, images) make the first hooked layer's input
+            # need no grad; torch warns, yet the hooks see every activation they need.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            yield gsm
+    finally:
+        remove_grad_sample_hooks(gsm)
+
+
 @contextmanager
 def grad_sample_module(model: torch.nn.Module) -> Iterator[GradSampleModule]:
     """``model`` (returning logits) with opacus per-sample-gradient hooks, removed on exit."""
     check_private_model(model)
-    gsm = GradSampleModule(LogitsModule(model), loss_reduction="mean", strict=True)
-    try:
-        with warnings.catch_warnings():
-            # The frozen embeddings make the first hooked layer's input need no
-            # grad; torch warns, yet the hooks see every activation they need.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            yield gsm
-    finally:
-        gsm.remove_hooks()
-        for p in model.parameters():
-            for attr in ("grad_sample", "summed_grad"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
+    with per_sample_hooks(LogitsModule(model)) as gsm:
+        yield gsm
 
 
 def dp_optimizer(optimizer: torch.optim.Optimizer, dp: DPSGD, expected_batch_size: float,

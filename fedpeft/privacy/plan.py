@@ -11,17 +11,24 @@ every round. Under client-level DP the sampling is secret
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
 from fedpeft.errors import ConfigError
-from fedpeft.privacy.accounting import accountant_title, check_delta, compute_epsilon
-from fedpeft.privacy.calibration import calibrate_noise
-from fedpeft.privacy.client_level import calibrate_client_noise, client_level_epsilon
+from fedpeft.privacy.accountants import accountant_title, client_level_epsilon, compute_epsilon
+from fedpeft.privacy.calibration import calibrate_client_noise, calibrate_noise
+from fedpeft.privacy.report import PrivacyReport
+from fedpeft.privacy.validation import check_delta
+from fedpeft.sampling import participation
 
-__all__ = ["DPPlan", "make_dp_plan", "participation"]
+__all__ = ["DPPlan", "make_dp_plan", "RELATION_TEXT"]
+
+RELATION_TEXT = {
+    "sample": "replace-one example of a client's shard (shard sizes are public)",
+    "client": "replace-one client",
+}
+"""How the run folder writes each unit's neighbouring relation."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,26 @@ class DPPlan:
         return compute_epsilon(self.noise_multiplier, self.sample_rates[client], steps, self.delta, self.accountant,
                                self.relation)
 
+    def report(self, client: int, steps: int, epsilon: float | None = None) -> PrivacyReport:
+        """The guarantee of ``client`` after ``steps`` (client level: ``client = -1``, ``steps`` = rounds).
+
+        ``epsilon`` is the plan's own (:meth:`epsilon_after`) unless given,
+        e.g. the largest epsilon the clients' accountants reported (then the
+        report carries no history: the plan's would not be the one accounted).
+        """
+        planned = epsilon is None and steps > 0
+        return PrivacyReport(
+            unit=self.unit,
+            accountant=self.accountant,
+            delta=self.delta,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rates[client],
+            steps=steps,
+            epsilon=self.epsilon_after(client, steps) if epsilon is None else epsilon,
+            history=((self.noise_multiplier, self.sample_rates[client], steps),) if planned else (),
+            relation=RELATION_TEXT[self.unit],
+        )
+
     def planned_epsilon(self) -> float:
         """The largest epsilon any client reaches if the run completes."""
         return max(self.epsilon_after(c, s) for c, s in self.planned_steps.items())
@@ -103,16 +130,6 @@ class DPPlan:
         out["sample_rates"] = {str(k): v for k, v in self.sample_rates.items()}
         out["planned_steps"] = {str(k): v for k, v in self.planned_steps.items()}
         return out
-
-
-def participation(num_clients: int, clients_per_round: int, seed: int, num_rounds: int) -> Counter:
-    """How many rounds each client is sampled for, from the seeded schedule the server follows."""
-    from fedpeft.server.sampling import sample_clients
-
-    counts: Counter = Counter({c: 0 for c in range(num_clients)})
-    for r in range(1, num_rounds + 1):
-        counts.update(sample_clients(num_clients, clients_per_round, seed, r))
-    return counts
 
 
 def make_dp_plan(cfg, shard_sizes: list[int]) -> DPPlan | None:

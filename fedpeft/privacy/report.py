@@ -1,4 +1,9 @@
-"""An honest privacy number: epsilon with its unit, accountant, delta and mechanism."""
+"""An honest privacy number: epsilon with its unit, accountant, delta and neighbouring relation.
+
+The run log (``summary.json``'s ``dp`` block), the DP plan and the audit
+(``audit.json``'s ``dp`` and ``empirical`` blocks) all state their epsilon
+as a :class:`PrivacyReport`, so none can print one without the others.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fedpeft.privacy.accounting import Accountant, Segment, accountant_title, check_delta
+from fedpeft.privacy.accountants import RELATIONS, UNITS, Accountant, Segment, accountant_title
+from fedpeft.privacy.validation import check_delta
 
-__all__ = ["PrivacyReport", "UNITS"]
-
-UNITS = ("sample", "client")
-"""What one record is: a training example (DP-SGD) or a whole client (DP-FedAvg)."""
+__all__ = ["PrivacyReport"]
 
 
 @dataclass(frozen=True)
@@ -23,19 +26,25 @@ class PrivacyReport:
     unit : str
         ``"sample"`` (one training example) or ``"client"`` (all of a client's data).
     accountant : str
-        Registered accountant name (``"rdp"``, ``"prv"``, ``"pld"``).
+        The accountant as reports name it: a registered name (``"rdp"``,
+        ``"prv"``, ``"pld"``), possibly followed by a note in parentheses,
+        e.g. ``"pld (replace-one)"``.
     delta : float
         The delta of the guarantee.
     noise_multiplier : float or None
         Sigma of every step; None if the history mixes several (see ``history``).
     sample_rate : float or None
-        Poisson sampling rate q of every step; None if the history mixes several.
+        Sampling rate q of every step; None if the history mixes several.
     steps : int
         Total steps (DP-SGD steps for ``"sample"``, rounds for ``"client"``).
     epsilon : float
         The epsilon (an upper bound); ``inf`` if some step had no noise.
     history : tuple of (noise_multiplier, sample_rate, steps)
-        The accounted segments, oldest first.
+        The accounted segments, oldest first (not written by :meth:`to_dict`).
+    relation : str
+        The neighbouring relation as reports write it: one of
+        ``"add-remove"`` and ``"replace-one"``, possibly followed by what is
+        replaced, e.g. ``"replace-one client"``.
     """
 
     unit: str
@@ -46,21 +55,33 @@ class PrivacyReport:
     steps: int
     epsilon: float
     history: tuple[Segment, ...] = ()
+    relation: str = "add-remove"
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
         check_delta(self.delta)
+        if self.neighbouring_relation not in RELATIONS:
+            raise ValueError(f"relation must start with one of {', '.join(RELATIONS)}, got {self.relation!r}")
         object.__setattr__(self, "history", tuple(tuple(seg) for seg in self.history))
 
+    @property
+    def neighbouring_relation(self) -> str:
+        """The relation's name alone: ``"add-remove"`` or ``"replace-one"``."""
+        return self.relation.split(" ", 1)[0]
+
     @classmethod
-    def from_accountant(cls, accountant: Accountant, delta: float, unit: str) -> PrivacyReport:
-        """The report for everything ``accountant`` has recorded, at ``delta``."""
+    def from_accountant(cls, accountant: Accountant, delta: float, unit: str | None = None,
+                        relation: str | None = None) -> PrivacyReport:
+        """The report for everything ``accountant`` has recorded, at ``delta``.
+
+        ``unit`` defaults to the accountant's; ``relation`` to its relation's name.
+        """
         history = accountant.history
         sigmas = {s for s, _, _ in history}
         rates = {q for _, q, _ in history}
         return cls(
-            unit=unit,
+            unit=unit or accountant.unit,
             accountant=accountant.name,
             delta=delta,
             noise_multiplier=sigmas.pop() if len(sigmas) == 1 else None,
@@ -68,10 +89,11 @@ class PrivacyReport:
             steps=accountant.steps,
             epsilon=accountant.epsilon(delta),
             history=history,
+            relation=relation or accountant.relation,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for ``summary.json`` (``epsilon`` may be ``inf``)."""
+        """The guarantee's fields in ``summary.json`` / ``audit.json`` (``epsilon`` may be ``inf``)."""
         return {
             "unit": self.unit,
             "accountant": self.accountant,
@@ -80,16 +102,15 @@ class PrivacyReport:
             "sample_rate": self.sample_rate,
             "steps": self.steps,
             "epsilon": self.epsilon,
-            "history": [
-                {"noise_multiplier": s, "sample_rate": q, "steps": n} for s, q, n in self.history
-            ],
+            "relation": self.relation,
         }
 
     def describe(self) -> str:
         """One line, e.g. ``(ε=1.71, δ=1e-05)-DP at the sample level, RDP accountant, σ=1.1, q=0.01, 1000 steps``."""
         what = "steps" if self.unit == "sample" else "rounds"
         eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:.3g}"
-        title = accountant_title(self.accountant)
+        name, _, note = self.accountant.partition(" ")
+        title = accountant_title(name, self.unit) + (f" {note}" if note else "")
         head = f"(ε={eps}, δ={self.delta:g})-DP at the {self.unit} level, {title} accountant"
         if self.steps == 0:
             return f"{head}, no {what} yet"

@@ -21,13 +21,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedpeft.privacy.secret import OS_SECRET, SecretSource
-from fedpeft.server.sampling import sample_clients, secret_sample_clients
+from fedpeft.sampling import sample_clients, secret_sample_clients
 from fedpeft.wire import (
     ARRAYS,
     CONFIG,
     DP_EPSILON,
     DP_NOISE_MULTIPLIER,
     DP_PRIOR_STEPS,
+    DP_SAMPLE_RATE,
     DP_STEPS,
     METRICS,
     NUM_EXAMPLES,
@@ -201,6 +202,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
             train_config = ConfigRecord({**dict(config), SERVER_ROUND: server_round})
             if self.dp_plan is not None and self.dp_plan.unit == "sample":
                 train_config[DP_NOISE_MULTIPLIER] = float(self.dp_plan.noise_multiplier)
+                train_config[DP_SAMPLE_RATE] = float(self.dp_plan.sample_rates[cid])
                 train_config[DP_PRIOR_STEPS] = self._sent_steps[(server_round, cid)] = self.dp_steps.get(cid, 0)
             messages.append(payload_message(payload, train_config, MessageType.TRAIN, self.node_ids[cid]))
         return messages

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+
+from fedpeft.compat.flwr_internals import set_server_task_identity
 
 from fedpeft.wire import PARTITION_ID
 
@@ -40,9 +40,7 @@ class InProcessGrid(Grid):
         self._run = None
         # Messages stamp their metadata from the process's task identity, which
         # Flower's runtimes set before a ServerApp starts; this grid is the runtime.
-        TaskIdentity.task_id = 1
-        TaskIdentity.run_id = 0
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        set_server_task_identity()
 
     def set_run(self, run) -> None:
         self._run = run

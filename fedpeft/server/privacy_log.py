@@ -27,48 +27,44 @@ def round_privacy(plan: DPPlan | None, flower, log_, server_round: int) -> dict[
 
 
 def run_privacy(plan: DPPlan | None, flower, history: list[dict[str, Any]], secret=None) -> dict[str, Any]:
-    """``epsilon``, ``delta`` and the ``dp`` block of ``summary.json``."""
+    """``epsilon``, ``delta`` and the ``dp`` block of ``summary.json``.
+
+    The block's guarantee fields (unit, accountant, delta, noise multiplier,
+    sample rate, steps, epsilon, relation) are the plan's
+    :class:`~fedpeft.privacy.report.PrivacyReport`; the rest describes the mechanism.
+    """
     if plan is None:
         return {"epsilon": None, "delta": None, "dp": None}
+    if plan.unit == "client":
+        report = plan.report(-1, int(history[-1]["round"]) if history else 0)
+        # Every client is protected by the same mechanism: one epsilon each.
+        per_client = {c: report.epsilon for c in range(plan.num_clients)}
+    else:
+        per_client = {c: flower.dp_epsilon.get(c, 0.0) for c in range(plan.num_clients)}
+        worst = max(range(plan.num_clients), key=lambda c: (flower.dp_steps.get(c, 0), plan.sample_rates[c]))
+        # The run's epsilon is the largest any client's own accountant reported.
+        report = plan.report(worst, flower.dp_steps.get(worst, 0), epsilon=max(per_client.values()))
     block: dict[str, Any] = {
         "randomness": (secret or OS_SECRET).describe(),
-        "unit": plan.unit,
-        "accountant": plan.accountant,
-        "delta": plan.delta,
-        "noise_multiplier": plan.noise_multiplier,
+        **report.to_dict(),
         "max_grad_norm": plan.max_grad_norm,
         "target_epsilon": plan.target_epsilon,
         "planned_epsilon": plan.planned_epsilon(),
         "mechanism": plan.describe(),
+        "epsilon_per_client": {str(c): e for c, e in per_client.items()},
     }
     if plan.unit == "client":
-        rounds = int(history[-1]["round"]) if history else 0
-        epsilon = plan.epsilon_after(-1, rounds)
         block.update(
-            sample_rate=plan.sample_rates[-1],
-            steps=rounds,
-            epsilon=epsilon,
-            # Every client is protected by the same mechanism: one epsilon each.
-            epsilon_per_client={str(c): epsilon for c in range(plan.num_clients)},
-            relation="replace-one client",
             sampling=f"{plan.clients_per_round} of {plan.num_clients} clients per round, without replacement, secret",
             noised_arrays=sorted(flower.private_keys()),
         )
     else:
-        per_client = {c: flower.dp_epsilon.get(c, 0.0) for c in range(plan.num_clients)}
-        worst = max(range(plan.num_clients), key=lambda c: (flower.dp_steps.get(c, 0), plan.sample_rates[c]))
-        epsilon = max(per_client.values())
         block.update(
-            sample_rate=plan.sample_rates[worst],
-            steps=flower.dp_steps.get(worst, 0),
-            epsilon=epsilon,
-            epsilon_per_client={str(c): e for c, e in per_client.items()},
             steps_per_client={str(c): flower.dp_steps.get(c, 0) for c in range(plan.num_clients)},
             sample_rate_per_client={str(c): q for c, q in plan.sample_rates.items()},
-            relation="replace-one example of a client's shard (shard sizes are public)",
             sampling="Poisson batches, secret",
         )
-    return {"epsilon": block["epsilon"], "delta": plan.delta, "dp": block}
+    return {"epsilon": report.epsilon, "delta": plan.delta, "dp": block}
 
 
 def dp_checkpoint(flower, wrapper) -> dict[str, Any]:
