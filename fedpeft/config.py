@@ -321,12 +321,17 @@ def validate(cfg: Config) -> None:
 
 def validate_model(cfg: Config):
     """``[model]`` against the model it names; fills in the default target and head modules. Returns its spec."""
-    from fedpeft.models import get_model_spec
+    from fedpeft.models import available_models, get_model_spec
+    from fedpeft.models.folder import is_model_folder
 
     if not all(isinstance(m, str) and m for m in cfg.peft.target_modules):
         raise ConfigError(f"peft.target_modules must be a list of module names, got {cfg.peft.target_modules!r}")
     if not all(isinstance(m, str) and m for m in cfg.peft.modules_to_save):
         raise ConfigError(f"peft.modules_to_save must be a list of module names, got {cfg.peft.modules_to_save!r}")
+    if cfg.model.name not in available_models() and is_model_folder(cfg.model.name):
+        # Absolute, so worker processes (whatever their working folder) and a
+        # later --resume find the same folder; summary.json records it.
+        cfg.model.name = str(Path(cfg.model.name).expanduser().resolve())
     spec = get_model_spec(cfg.model.name, cfg.model.task)
     if not cfg.peft.target_modules:  # resolved here so summary.json names the real modules
         if not spec.default_targets:
@@ -373,6 +378,8 @@ def validate_data(cfg: Config, task: str) -> None:
             f"data.dataset = {name!r} is not valid; choose one of: {', '.join(available_datasets())}, or the path "
             "of a .csv, .tsv, .json, .jsonl or .parquet file or a saved Hugging Face datasets folder"
         )
+    # Absolute for the same reasons as a model folder's path.
+    name = cfg.data.dataset = str(Path(name).expanduser().resolve())
     if cfg.data.partition == "natural" and not cfg.data.client_column:
         raise ConfigError("data.partition = 'natural' on a dataset file needs data.client_column, the column naming "
                           "each row's client (user, author, ...)")

@@ -9,6 +9,8 @@ flwr-datasets' ``NaturalIdPartitioner`` when each group is one client.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -136,7 +138,9 @@ def _natural_ids(data: TextClassificationData, num_clients: int) -> list[np.ndar
 
     order = np.arange(len(data.train_labels))
     dataset = _hf_dataset(data.train_labels, data.train_groups, order)
-    return _load_all(NaturalIdPartitioner(partition_by="group"), dataset, num_clients)
+    # Its tqdm bar cannot be turned off and would land on the CLI's stderr.
+    with contextlib.redirect_stderr(io.StringIO()):
+        return _load_all(NaturalIdPartitioner(partition_by="group"), dataset, num_clients)
 
 
 PARTITIONERS: dict[str, Partitioner] = {
