@@ -160,6 +160,7 @@ def test_llama_folder_on_alpaca_jsonl(assets, tmp_path):
         data={"dataset": str(assets / "alpaca.jsonl"), "prompt_template": "alpaca", "response_column": "output",
               "partition": "iid"},
         model={"name": str(assets / "llama"), "max_length": 96},
+        federation={"num_rounds": 1},
     )
     out = tmp_path / "run"
     proc = fedpeft("run", "--config", str(config), "--out", str(out), cwd=tmp_path)
@@ -302,3 +303,17 @@ def test_natural_partition_gives_each_client_one_user(assets):
     users = [sorted({data.train_groups[i] for i in part}) for part in parts]
     assert users == [[0], [1], [2], [3]]
     assert sorted(np.concatenate(parts)) == list(range(len(data.train_texts)))
+
+
+def test_prompt_template_marks_where_the_response_starts(assets):
+    from fedpeft.data import DataColumns, load_dataset
+    from fedpeft.errors import ConfigError
+
+    columns = DataColumns(prompt_template="Q: {instruction} ({input})\nA: ", response="output")
+    data = load_dataset(str(assets / "alpaca.jsonl"), columns=columns, task="causal_lm")
+    for text, start in zip(data.train_texts, data.train_response_starts):
+        assert text.startswith("Q: Add one to ") and text[:start].endswith(")\nA: ")
+        assert text[start:].startswith("The answer is ")
+    assert data.label_names == ("text",) and not data.train_labels.any()
+    with pytest.raises(ConfigError, match=r"uses column 'question': no such column .*instruction, input, output"):
+        load_dataset(str(assets / "alpaca.jsonl"), columns=DataColumns(prompt_template="{question}"), task="causal_lm")
