@@ -41,7 +41,7 @@ def bench_resident_model(cfg: Config, repeats: int = 3) -> dict[str, float]:
     swap = _best_of(lambda: rt.model.set_payload(payload), repeats * 10)
     rebuild = _best_of(lambda: load_resident_model(cfg, rt.data.num_labels), repeats)
     return {
-        "model": get_model_spec(cfg.model.name).name,
+        "model": get_model_spec(cfg.model.name, cfg.model.task).name,
         "adapter_swap_s": swap,
         "model_rebuild_s": rebuild,
         "rebuild_over_swap": rebuild / swap,

@@ -51,17 +51,34 @@ class FederationConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("rotten_tomatoes", "dataset name (see fedpeft.data.available_datasets)")
-    partition: str = _f("dirichlet", "how train rows are split over clients", choices=("iid", "dirichlet", "natural"))
+    dataset: str = _f("rotten_tomatoes", "dataset name (see fedpeft.data.available_datasets), or the path of a local "
+                                         ".csv, .tsv, .json/.jsonl or .parquet file or of a saved Hugging Face datasets folder")
+    partition: str = _f("dirichlet", "how train rows are split over clients (natural: whole groups, by movie for "
+                                     "rotten_tomatoes, by data.client_column for a dataset file)",
+                        choices=("iid", "dirichlet", "natural"))
     alpha: float = _f(0.5, "Dirichlet concentration (smaller = more label skew)", min=1e-6)
     max_examples_per_client: int = _f(0, "cap on each client's rows (0 = no cap)", min=0)
     max_test_examples: int = _f(0, "evaluate on the first N test rows only (0 = all)", min=0)
     test_fraction: float = _f(0.1, "held-out global test split", min=0.01, max=0.5)
+    text_column: str = _f("text", "dataset file: the column holding each example's text (classification, or causal-LM "
+                                  "text when data.prompt_template is empty)")
+    label_column: str = _f("label", "dataset file, classification: the label column (strings or integers; mapped to "
+                                    "0..K-1 in sorted order, a datasets ClassLabel keeps its own order)")
+    client_column: str = _f("", "dataset file: the column naming each row's natural client (user, author, ...) for "
+                                "data.partition = natural (\"\" = none)")
+    prompt_template: str = _f("", "dataset file, causal LM: the prompt before each response; \"alpaca\" (Stanford "
+                                  "Alpaca's, from instruction/input columns) or a Python format string of columns, e.g. "
+                                  "\"Q: {question}\\nA: \"; \"\" = learn data.text_column as plain text")
+    response_column: str = _f("output", "dataset file, causal LM with data.prompt_template: the column appended after "
+                                        "the prompt; the loss counts only its tokens")
 
 
 @dataclass
 class ModelConfig:
-    name: str = _f("minilm", "base model (see `fedpeft.models.available_models`)")
+    name: str = _f("minilm", "base model (see `fedpeft.models.available_models`), or the path of a local Hugging Face "
+                             "model folder")
+    task: str = _f("auto", "classification or causal_lm; auto = the bundled model's, or inferred from a model "
+                           "folder's config.json", choices=("auto", "classification", "causal_lm"))
     max_length: int = _f(48, "tokens per example after truncation", min=4, max=512)
     dropout: float = _f(0.1, "base-model dropout (0 turns it off)", min=0.0, max=0.9)
     pooling: str = _f("cls", "classification features: cls (BERT's pooler on the first token) or mean (masked mean of "
@@ -293,32 +310,8 @@ def validate(cfg: Config) -> None:
             f"federation.clients_per_round = {fed.clients_per_round} exceeds "
             f"federation.num_clients = {fed.num_clients}; use a value in 0..{fed.num_clients} (0 = all)"
         )
-    from fedpeft.data import available_datasets
-
-    if cfg.data.dataset not in available_datasets():
-        raise ConfigError(
-            f"data.dataset = {cfg.data.dataset!r} is not valid; choose one of: {', '.join(available_datasets())}"
-        )
-    from fedpeft.models import available_models
-
-    if cfg.model.name not in available_models():
-        raise ConfigError(f"model.name = {cfg.model.name!r} is not valid; choose one of: {', '.join(available_models())}")
-    if not all(isinstance(m, str) and m for m in cfg.peft.target_modules):
-        raise ConfigError(f"peft.target_modules must be a list of module names, got {cfg.peft.target_modules!r}")
-    if not all(isinstance(m, str) and m for m in cfg.peft.modules_to_save):
-        raise ConfigError(f"peft.modules_to_save must be a list of module names, got {cfg.peft.modules_to_save!r}")
-    from fedpeft.models import get_model_spec
-
-    if not cfg.peft.target_modules:  # resolved here so summary.json names the real modules
-        cfg.peft.target_modules = list(get_model_spec(cfg.model.name).default_targets)
-    spec = get_model_spec(cfg.model.name)
-    if cfg.model.pooling != "cls" and cfg.model.pooling not in spec.poolings:
-        raise ConfigError(f"model.pooling = {cfg.model.pooling!r} is not available for model {cfg.model.name!r}; "
-                          f"choose one of: {', '.join(('cls',) + tuple(spec.poolings))}")
-    if not cfg.peft.modules_to_save:
-        # Mean pooling has no pooler weights: the head is the classifier alone.
-        head = spec.head_modules if cfg.model.pooling == "cls" else tuple(m for m in spec.head_modules if "pooler" not in m)
-        cfg.peft.modules_to_save = list(head)
+    spec = validate_model(cfg)
+    validate_data(cfg, spec.task)
     strategy = build_strategy(cfg)
     ranks = cfg.peft.client_ranks
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
@@ -332,6 +325,76 @@ def validate(cfg: Config) -> None:
             f"use one of: {', '.join(able)}"
         )
     validate_dp(cfg, strategy)
+
+
+def validate_model(cfg: Config):
+    """``[model]`` against the model it names; fills in the default target and head modules. Returns its spec."""
+    from fedpeft.models import available_models, get_model_spec
+    from fedpeft.models.folder import is_model_folder
+
+    if not all(isinstance(m, str) and m for m in cfg.peft.target_modules):
+        raise ConfigError(f"peft.target_modules must be a list of module names, got {cfg.peft.target_modules!r}")
+    if not all(isinstance(m, str) and m for m in cfg.peft.modules_to_save):
+        raise ConfigError(f"peft.modules_to_save must be a list of module names, got {cfg.peft.modules_to_save!r}")
+    if cfg.model.name not in available_models() and is_model_folder(cfg.model.name):
+        # Absolute, so worker processes (whatever their working folder) and a
+        # later --resume find the same folder; summary.json records it.
+        cfg.model.name = str(Path(cfg.model.name).expanduser().resolve())
+    spec = get_model_spec(cfg.model.name, cfg.model.task)
+    if not cfg.peft.target_modules:  # resolved here so summary.json names the real modules
+        if not spec.default_targets:
+            raise ConfigError(
+                f"peft.target_modules: peft has no default LoRA target modules for architecture {spec.architecture!r} "
+                f"({cfg.model.name}); set peft.target_modules to the names of its attention Linear layers, "
+                "e.g. [\"q_proj\", \"v_proj\"]"
+            )
+        cfg.peft.target_modules = list(spec.default_targets)
+    if cfg.model.pooling != "cls" and cfg.model.pooling not in spec.poolings:
+        raise ConfigError(f"model.pooling = {cfg.model.pooling!r} is not available for model {cfg.model.name!r}; "
+                          f"choose one of: {', '.join(('cls',) + tuple(spec.poolings))}")
+    if not cfg.peft.modules_to_save:
+        # Mean pooling has no pooler weights: the head is the classifier alone.
+        head = spec.head_modules if cfg.model.pooling == "cls" else tuple(m for m in spec.head_modules if "pooler" not in m)
+        cfg.peft.modules_to_save = list(head)
+    return spec
+
+
+def data_columns(cfg: Config):
+    """The ``[data]`` keys that say how to read a dataset file, as :class:`fedpeft.data.DataColumns`."""
+    from fedpeft.data import DataColumns
+
+    d = cfg.data
+    return DataColumns(text=d.text_column, label=d.label_column, client=d.client_column,
+                       prompt_template=d.prompt_template, response=d.response_column)
+
+
+def validate_data(cfg: Config, task: str) -> None:
+    """``[data]`` against the dataset it names; a dataset file is read here, so a wrong column stops the run."""
+    from fedpeft.data import available_datasets, is_dataset_file, load_dataset
+    from fedpeft.data.local import looks_like_path
+
+    name = cfg.data.dataset
+    if name in available_datasets():
+        if cfg.data.client_column:
+            raise ConfigError(f"data.client_column = {cfg.data.client_column!r} applies to dataset files only; "
+                              f"{name!r} has its own natural groups (data.partition = 'natural'); set it to \"\"")
+        return
+    if not is_dataset_file(name) and looks_like_path(name):
+        raise ConfigError(f"data.dataset = {name!r}: no such file or folder")
+    if not is_dataset_file(name):
+        raise ConfigError(
+            f"data.dataset = {name!r} is not valid; choose one of: {', '.join(available_datasets())}, or the path "
+            "of a .csv, .tsv, .json, .jsonl or .parquet file or a saved Hugging Face datasets folder"
+        )
+    # Absolute for the same reasons as a model folder's path.
+    name = cfg.data.dataset = str(Path(name).expanduser().resolve())
+    if cfg.data.partition == "natural" and not cfg.data.client_column:
+        raise ConfigError("data.partition = 'natural' on a dataset file needs data.client_column, the column naming "
+                          "each row's client (user, author, ...)")
+    if cfg.data.client_column and cfg.data.partition != "natural":
+        raise ConfigError(f"data.client_column = {cfg.data.client_column!r} partitions by that column; set "
+                          "data.partition = 'natural' (or data.client_column = \"\" for iid or dirichlet)")
+    load_dataset(name, test_fraction=cfg.data.test_fraction, columns=data_columns(cfg), task=task)
 
 
 def batch_sampling(cfg: Config) -> str:

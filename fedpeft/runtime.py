@@ -14,10 +14,11 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from fedpeft.config import Config, build_strategy
+from fedpeft.config import Config, build_strategy, data_columns
 from fedpeft.data import TextClassificationData, load_dataset, partition_indices
 from fedpeft.privacy.dp_sgd import check_private_model
 from fedpeft.privacy.plan import DPPlan, make_dp_plan
+from fedpeft.models.registry import get_model_spec
 from fedpeft.models.resident import ResidentModel, resident_model
 from fedpeft.training import EncodedSplit, encoded_splits
 
@@ -34,7 +35,8 @@ class Runtime:
 
     @cached_property
     def splits(self) -> tuple[EncodedSplit, EncodedSplit]:
-        key = (self.cfg.data.dataset, self.cfg.data.test_fraction, self.cfg.model.name, self.cfg.model.max_length)
+        key = (self.cfg.data.dataset, self.cfg.data.test_fraction, data_columns(self.cfg), self.model.task,
+               self.cfg.model.name, self.cfg.model.max_length)
         return encoded_splits(self.data, self.model.tokenizer, self.cfg.model.max_length, key)
 
     @cached_property
@@ -69,7 +71,8 @@ def runtime(cfg: Config, threads: int | None = None) -> Runtime:
         if key not in _RUNTIMES:
             if threads:
                 torch.set_num_threads(threads)
-            data = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction)
+            data = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction, columns=data_columns(cfg),
+                                task=get_model_spec(cfg.model.name, cfg.model.task).task)
             _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(cfg, data.num_labels))
         return _RUNTIMES[key]
 

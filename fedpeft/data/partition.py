@@ -2,11 +2,15 @@
 
 Each partitioner maps ``(data, num_clients, alpha, seed)`` to one sorted
 ``int64`` array of training-row indices per client. ``iid`` and ``dirichlet``
-delegate to flwr-datasets; ``natural`` groups whole movies.
+delegate to flwr-datasets; ``natural`` keeps whole groups (movies, or the
+values of a dataset file's ``data.client_column``) together, through
+flwr-datasets' ``NaturalIdPartitioner`` when each group is one client.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -111,10 +115,13 @@ def _natural(
     # movies, then hand each to the client with the fewest reviews so far.
     movies, rows_per_movie = np.unique(data.train_groups, return_counts=True)
     if num_clients > len(movies):
+        source = f" (distinct values of data.client_column = {data.group_column!r})" if data.group_column else ""
         raise ConfigError(
             f"federation.num_clients: natural partitioning needs at most one client per "
-            f"group; {data.name} has {len(movies)} groups in its training split, got {num_clients}"
+            f"group; {data.name} has {len(movies)} groups{source} in its training split, got {num_clients}"
         )
+    if data.group_column and num_clients == len(movies):
+        return _natural_ids(data, num_clients)
     sizes = np.zeros(num_clients, dtype=np.int64)
     client_of_movie = np.empty(len(movies), dtype=np.int64)
     for position in _rng(seed, _STREAM_NATURAL).permutation(len(movies)):
@@ -123,6 +130,17 @@ def _natural(
         sizes[client] += rows_per_movie[position]
     client_of_row = client_of_movie[np.searchsorted(movies, data.train_groups)]
     return [np.flatnonzero(client_of_row == client) for client in range(num_clients)]
+
+
+def _natural_ids(data: TextClassificationData, num_clients: int) -> list[np.ndarray]:
+    """One client per value of the dataset's client column: client ``k`` holds the ``k``-th value in sorted order."""
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    order = np.arange(len(data.train_labels))
+    dataset = _hf_dataset(data.train_labels, data.train_groups, order)
+    # Its tqdm bar cannot be turned off and would land on the CLI's stderr.
+    with contextlib.redirect_stderr(io.StringIO()):
+        return _load_all(NaturalIdPartitioner(partition_by="group"), dataset, num_clients)
 
 
 PARTITIONERS: dict[str, Partitioner] = {
@@ -157,7 +175,9 @@ def partition_indices(
         from a Dirichlet with concentration ``alpha``; smaller is more skewed,
         every client gets at least ``min(10, rows // num_clients)`` rows) or
         ``"natural"`` (whole groups, e.g. movies, dealt to clients so that no
-        group is split and client sizes stay balanced). Config key
+        group is split and client sizes stay balanced; for a dataset file
+        with ``data.client_column`` and as many clients as groups, one client
+        per group through flwr-datasets' ``NaturalIdPartitioner``). Config key
         ``data.partition``.
     num_clients : int
         Number of clients, from 1 (the centralised reference: all rows) to the

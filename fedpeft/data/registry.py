@@ -6,6 +6,7 @@ import functools
 import math
 from collections.abc import Callable
 
+from fedpeft.data.local import DataColumns, is_dataset_file, load_local_dataset
 from fedpeft.data.types import TextClassificationData
 from fedpeft.errors import ConfigError
 
@@ -48,19 +49,27 @@ def available_datasets() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.1) -> TextClassificationData:
-    """Load a registered dataset with a fixed, seeded train/test split.
+def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.1, *, columns: DataColumns | None = None,
+                 task: str = "classification") -> TextClassificationData:
+    """Load a registered dataset or a local dataset file with a fixed, seeded train/test split.
 
     Parameters
     ----------
     name : str
-        A name from :func:`available_datasets` (config key ``data.dataset``).
+        A name from :func:`available_datasets`, or the path of a dataset file
+        or saved ``datasets`` folder (config key ``data.dataset``; see
+        :mod:`fedpeft.data.local`).
     seed : int, default 0
         Seed of the label-stratified train/test split. Keep the default: it is
         deliberately not the federation seed, so that runs with different
         federation seeds are scored on the same test set.
     test_fraction : float, default 0.1
         Fraction of the rows held out for testing, in (0, 1).
+    columns : DataColumns, optional
+        A dataset file's columns (``data.text_column``, ...); default
+        :class:`DataColumns` (``text``, ``label``). Ignored for registered names.
+    task : {"classification", "causal_lm"}, default "classification"
+        The model's task, which says which columns a dataset file needs.
 
     Returns
     -------
@@ -74,14 +83,17 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.1) -> TextCl
     AssetError
         If the package that ships the data is missing or broken.
     """
-    if name not in _LOADERS:
+    if name not in _LOADERS and not is_dataset_file(name):
         raise ConfigError(
             f"data.dataset: unknown dataset {name!r}; valid choices: "
-            f"{', '.join(available_datasets())}"
+            f"{', '.join(available_datasets())}, or the path of a dataset file"
         )
     fraction = float(test_fraction)
     if not (math.isfinite(fraction) and 0.0 < fraction < 1.0):
         raise ConfigError(f"data.test_fraction: must be in (0, 1), got {test_fraction!r}")
+    if name not in _LOADERS:
+        return load_local_dataset(name, task=task, columns=columns or DataColumns(), seed=int(seed),
+                                  test_fraction=fraction)
     # Normalise before the cache so load_dataset(n) and load_dataset(n, 0) share an entry.
     return _load_cached(name, int(seed), fraction)
 

@@ -28,6 +28,14 @@ class TextClassificationData:
         Held-out texts, never given to a client.
     test_labels : numpy.ndarray
         ``int64`` label of each test text.
+    train_response_starts, test_response_starts : numpy.ndarray, optional
+        For instruction tuning of a causal LM: the character offset in each
+        text where the response begins; the loss counts only the tokens from
+        there on. Empty (the default) = every token counts.
+    group_column : str, optional
+        The dataset column the groups come from when each group is a natural
+        client (``data.client_column``); "" when groups are only dealt to
+        clients (rotten_tomatoes' movies).
 
     Notes
     -----
@@ -42,6 +50,9 @@ class TextClassificationData:
     train_groups: np.ndarray
     test_texts: tuple[str, ...]
     test_labels: np.ndarray
+    train_response_starts: np.ndarray = ()
+    test_response_starts: np.ndarray = ()
+    group_column: str = ""
 
     def __post_init__(self) -> None:
         num_train = len(self.train_texts)
@@ -49,7 +60,10 @@ class TextClassificationData:
             raise ValueError("train_texts, train_labels and train_groups differ in length")
         if len(self.test_texts) != len(self.test_labels):
             raise ValueError("test_texts and test_labels differ in length")
-        for field in ("train_labels", "train_groups", "test_labels"):
+        for field, texts in (("train_response_starts", self.train_texts), ("test_response_starts", self.test_texts)):
+            if len(getattr(self, field)) not in (0, len(texts)):
+                raise ValueError(f"{field} must be empty or have one offset per text")
+        for field in ("train_labels", "train_groups", "test_labels", "train_response_starts", "test_response_starts"):
             array = np.array(getattr(self, field), dtype=np.int64)
             array.flags.writeable = False
             object.__setattr__(self, field, array)

