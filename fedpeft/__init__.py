@@ -11,7 +11,8 @@ Importing fedpeft is light: torch, transformers and Flower load when a run start
 
 from fedpeft import audit  # the audit package, callable as fedpeft.audit(...): see fedpeft/audit/__init__.py
 from fedpeft.api import run
-from fedpeft.config import Config, load_config
+from fedpeft.config import Config
+from fedpeft.validation import load_config
 
 __version__ = "0.1.0"
 

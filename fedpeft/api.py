@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import Config, load_config
+from fedpeft.config import Config
+from fedpeft.validation import load_config
 from fedpeft.environment import quiet_environment
 
 ConfigLike = str | Path | Config | None

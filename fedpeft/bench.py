@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import Config, load_config
+from fedpeft.config import Config
+from fedpeft.validation import load_config
 
 
 def _best_of(fn: Callable[[], Any], repeats: int) -> float:

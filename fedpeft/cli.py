@@ -62,7 +62,7 @@ ResumeOpt = typer.Option(None, "--resume", help="Continue an interrupted run fol
 
 def resumable(folder: Path):
     """The config of an interrupted run folder, or a user error saying why not."""
-    from fedpeft.config import config_from_dict
+    from fedpeft.validation import config_from_dict
     from fedpeft.server.run_folder import SUMMARY, RunFolder
 
     if not folder.is_dir():
@@ -76,7 +76,7 @@ def resumable(folder: Path):
 def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
         resume: Optional[Path] = ResumeOpt) -> None:
     """Run one federation and write its run folder (or finish an interrupted one)."""
-    from fedpeft.config import load_config
+    from fedpeft.validation import load_config
 
     # Validate the config and --out before importing torch and Flower (seconds).
     try:
@@ -193,7 +193,7 @@ def audit(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
     """Audit what a curious server can rebuild from one client's payload; writes audit.json and audit.md."""
     import time
 
-    from fedpeft.config import load_config
+    from fedpeft.validation import load_config
 
     if full and sweep is None:
         fail("--full needs --sweep FILE")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import ConfigError
-from fedpeft.privacy.validation import validate_dp
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 
@@ -253,20 +252,23 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
 
 
-def config_from_dict(tables: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from nested tables."""
+def parse_config(tables: dict[str, Any]) -> Config:
+    """A :class:`Config` from nested tables, every field type- and limit-checked.
+
+    Checks that need a registry (the dataset, model, rule or DP settings it
+    names) are :func:`fedpeft.validation.validate`'s; use
+    :func:`fedpeft.validation.config_from_dict` for both.
+    """
     sections = {}
     for name, table in tables.items():
         if name not in SECTIONS:
             raise ConfigError(f"unknown section [{name}]; valid sections: {', '.join(SECTIONS)}")
         sections[name] = _build_section(name, table)
-    cfg = Config(**sections)
-    validate(cfg)
-    return cfg
+    return Config(**sections)
 
 
-def load_config(path: str | Path | Config | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read ``path`` (default: the embedded default), apply ``--set`` overrides, validate.
+def config_tables(path: str | Path | Config | None = None, overrides: typing.Sequence[str] = ()) -> dict[str, Any]:
+    """The tables of ``path`` (default: the embedded default) with ``--set`` overrides applied.
 
     ``path`` may also be a :class:`Config`: the overrides then apply to a copy of it.
     """
@@ -280,11 +282,11 @@ def load_config(path: str | Path | Config | None = None, overrides: typing.Seque
         if not isinstance(tables[section], dict):
             raise ConfigError(f"--set {text!r}: [{section}] is not a table")
         tables[section][key] = value
-    return config_from_dict(tables)
+    return tables
 
 
-def config_from_run_config(run_config: typing.Mapping[str, Any]) -> Config:
-    """The config of a ``flwr run .`` launch.
+def run_config_tables(run_config: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """The config tables of a ``flwr run .`` launch.
 
     Flower's run config (pyproject's ``[tool.flwr.app.config]`` plus
     ``--run-config`` overrides) holds the scalar keys as ``section.key``; they
@@ -299,102 +301,7 @@ def config_from_run_config(run_config: typing.Mapping[str, Any]) -> Config:
         if not name:
             raise ConfigError(f"run config key {key!r} must look like section.key")
         tables.setdefault(section, {})[name] = value
-    return config_from_dict(tables)
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks and registry look-ups that a single field cannot do."""
-    fed = cfg.federation
-    if fed.clients_per_round > fed.num_clients:
-        raise ConfigError(
-            f"federation.clients_per_round = {fed.clients_per_round} exceeds "
-            f"federation.num_clients = {fed.num_clients}; use a value in 0..{fed.num_clients} (0 = all)"
-        )
-    spec = validate_model(cfg)
-    validate_data(cfg, spec.task)
-    strategy = build_strategy(cfg)
-    ranks = cfg.peft.client_ranks
-    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
-        raise ConfigError(f"peft.client_ranks must be a list of positive integers, got {ranks!r}")
-    if len(set(ranks)) > 1 and not strategy.heterogeneous_ranks:
-        import strategies
-
-        able = [n for n in strategies.available() if strategies.get(n).heterogeneous_ranks]
-        raise ConfigError(
-            f"peft.client_ranks = {ranks} mixes ranks, which strategy {cfg.strategy_name!r} cannot aggregate; "
-            f"use one of: {', '.join(able)}"
-        )
-    validate_dp(cfg, strategy)
-
-
-def validate_model(cfg: Config):
-    """``[model]`` against the model it names; fills in the default target and head modules. Returns its spec."""
-    from fedpeft.models import available_models, get_model_spec
-    from fedpeft.models.folder import is_model_folder
-
-    if not all(isinstance(m, str) and m for m in cfg.peft.target_modules):
-        raise ConfigError(f"peft.target_modules must be a list of module names, got {cfg.peft.target_modules!r}")
-    if not all(isinstance(m, str) and m for m in cfg.peft.modules_to_save):
-        raise ConfigError(f"peft.modules_to_save must be a list of module names, got {cfg.peft.modules_to_save!r}")
-    if cfg.model.name not in available_models() and is_model_folder(cfg.model.name):
-        # Absolute, so worker processes (whatever their working folder) and a
-        # later --resume find the same folder; summary.json records it.
-        cfg.model.name = str(Path(cfg.model.name).expanduser().resolve())
-    spec = get_model_spec(cfg.model.name, cfg.model.task)
-    if not cfg.peft.target_modules:  # resolved here so summary.json names the real modules
-        if not spec.default_targets:
-            raise ConfigError(
-                f"peft.target_modules: peft has no default LoRA target modules for architecture {spec.architecture!r} "
-                f"({cfg.model.name}); set peft.target_modules to the names of its attention Linear layers, "
-                "e.g. [\"q_proj\", \"v_proj\"]"
-            )
-        cfg.peft.target_modules = list(spec.default_targets)
-    if cfg.model.pooling != "cls" and cfg.model.pooling not in spec.poolings:
-        raise ConfigError(f"model.pooling = {cfg.model.pooling!r} is not available for model {cfg.model.name!r}; "
-                          f"choose one of: {', '.join(('cls',) + tuple(spec.poolings))}")
-    if not cfg.peft.modules_to_save:
-        # Mean pooling has no pooler weights: the head is the classifier alone.
-        head = spec.head_modules if cfg.model.pooling == "cls" else tuple(m for m in spec.head_modules if "pooler" not in m)
-        cfg.peft.modules_to_save = list(head)
-    return spec
-
-
-def data_columns(cfg: Config):
-    """The ``[data]`` keys that say how to read a dataset file, as :class:`fedpeft.data.DataColumns`."""
-    from fedpeft.data import DataColumns
-
-    d = cfg.data
-    return DataColumns(text=d.text_column, label=d.label_column, client=d.client_column,
-                       prompt_template=d.prompt_template, response=d.response_column)
-
-
-def validate_data(cfg: Config, task: str) -> None:
-    """``[data]`` against the dataset it names; a dataset file is read here, so a wrong column stops the run."""
-    from fedpeft.data import available_datasets, is_dataset_file, load_dataset
-    from fedpeft.data.local import looks_like_path
-
-    name = cfg.data.dataset
-    if name in available_datasets():
-        if cfg.data.client_column:
-            raise ConfigError(f"data.client_column = {cfg.data.client_column!r} applies to dataset files only; "
-                              f"{name!r} has its own natural groups (data.partition = 'natural'); set it to \"\"")
-        return
-    if not is_dataset_file(name) and looks_like_path(name):
-        raise ConfigError(f"data.dataset = {name!r}: no such file or folder")
-    if not is_dataset_file(name):
-        raise ConfigError(
-            f"data.dataset = {name!r} is not valid; choose one of: {', '.join(available_datasets())}, or the path "
-            "of a .csv, .tsv, .json, .jsonl or .parquet file or a saved Hugging Face datasets folder"
-        )
-    # Absolute for the same reasons as a model folder's path.
-    name = cfg.data.dataset = str(Path(name).expanduser().resolve())
-    if cfg.data.partition == "natural" and not cfg.data.client_column:
-        raise ConfigError("data.partition = 'natural' on a dataset file needs data.client_column, the column naming "
-                          "each row's client (user, author, ...)")
-    if cfg.data.client_column and cfg.data.partition != "natural":
-        raise ConfigError(f"data.client_column = {cfg.data.client_column!r} partitions by that column; set "
-                          "data.partition = 'natural' (or data.client_column = \"\" for iid or dirichlet)")
-    load_dataset(name, test_fraction=cfg.data.test_fraction, columns=data_columns(cfg), task=task)
+    return tables
 
 
 def batch_sampling(cfg: Config) -> str:
@@ -420,24 +327,6 @@ def client_ranks(cfg: Config) -> dict[int, int]:
 def max_rank(cfg: Config) -> int:
     """The LoRA rank of the resident model: large enough for every client."""
     return max(cfg.peft.client_ranks or [cfg.peft.r])
-
-
-def build_strategy(cfg: Config):
-    """The configured strategy instance; unknown names and parameters are config errors."""
-    import strategies
-
-    name = cfg.strategy.get("name", "fedit")
-    if not isinstance(name, str):
-        raise ConfigError(f"strategy.name must be a string, got {name!r}")
-    try:
-        cls = strategies.get(name)
-        params = dict(cfg.strategy_params)
-        params.setdefault("seed", cfg.federation.seed)
-        return cls.from_params(params)
-    except strategies.UnknownStrategyError as exc:
-        raise ConfigError(exc.args[0] if exc.args else str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"strategy {name!r}: {exc}") from None
 
 
 def field_help() -> dict[str, str]:

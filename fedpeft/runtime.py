@@ -14,7 +14,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from fedpeft.config import Config, build_strategy, data_columns
+from fedpeft.config import Config
+from fedpeft.validation import build_strategy, data_columns
 from fedpeft.data import TextClassificationData, load_dataset, partition_indices
 from fedpeft.privacy.dp_sgd import check_private_model
 from fedpeft.privacy.plan import DPPlan, make_dp_plan

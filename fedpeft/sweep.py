@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.config import config_from_dict, parse_override
+from fedpeft.config import parse_override
+from fedpeft.validation import config_from_dict
 from fedpeft.errors import ConfigError
 
 SWEEP_KEYS = {"name", "seeds", "strategies", "partitions", "epsilons", "full", "budget"}

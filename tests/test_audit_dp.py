@@ -13,7 +13,7 @@ from fedpeft.audit.dp import dp_upload, victim_dp
 from fedpeft.audit.observe import honest_upload, victim_batch
 from fedpeft.audit.runner import run_audit
 from fedpeft.audit.settings import parse_settings
-from fedpeft.config import load_config
+from fedpeft.validation import load_config
 from fedpeft.privacy.dp_sgd import DPSGD
 
 BASE = ["model.dropout=0", "peft.r=16", "dp.mode=sample", "audit.max_victim_tokens=15", "audit.studies=false",

@@ -158,7 +158,7 @@ def test_batch_of_two_with_best_matching_beats_the_prior(vlora):
 
 @pytest.fixture(scope="module")
 def minilm():
-    from fedpeft.config import load_config
+    from fedpeft.validation import load_config
     from fedpeft.models.resident import load_resident_model
 
     cfg = load_config(None, ["peft.r=16", "model.dropout=0"])

@@ -12,7 +12,7 @@ import torch
 from fedpeft.audit.report import IMAGE_GRID, write_report
 from fedpeft.audit.runner import run_audit
 from fedpeft.audit.settings import parse_settings
-from fedpeft.config import load_config
+from fedpeft.validation import load_config
 from fedpeft.errors import ConfigError
 
 FAST = ["audit.empirical=false", "audit.victims=6", "audit.inverting-gradients={iterations=30}"]  # DLG at its default 20

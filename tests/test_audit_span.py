@@ -13,7 +13,7 @@ from fedpeft.audit.attacks import get_attack
 from fedpeft.audit.attacks.lora_span import EmbeddingCandidates, find_embeddings
 from fedpeft.audit.metrics import cosine, token_prf
 from fedpeft.audit.observe import Truth, observe
-from fedpeft.config import build_strategy, load_config
+from fedpeft.validation import build_strategy, load_config
 from fedpeft.data import load_dataset
 from fedpeft.models.resident import load_resident_model
 from strategies import LoRAFactors, Payload

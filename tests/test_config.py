@@ -11,16 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.config import (
-    DEFAULT_CONFIG,
-    Config,
-    build_strategy,
-    config_from_dict,
-    config_from_run_config,
-    field_help,
-    load_config,
-    parse_override,
-)
+from fedpeft.config import DEFAULT_CONFIG, Config, field_help, parse_override
+from fedpeft.validation import build_strategy, config_from_dict, config_from_run_config, load_config
 from fedpeft.errors import ConfigError, FedPeftError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from dp_accounting import pld
 
-from fedpeft.config import load_config
+from fedpeft.validation import load_config
 from fedpeft.engine import run_engine
 from fedpeft.privacy.accountants import client_level_epsilon
 from fedpeft.sampling import participation

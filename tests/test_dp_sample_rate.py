@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedpeft.client.app import ACCOUNTANT, make_client_app
 from fedpeft.compat.flwr_internals import set_server_task_identity
-from fedpeft.config import load_config
+from fedpeft.validation import load_config
 from fedpeft.runtime import runtime
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy
 from fedpeft.wire import CONFIG, DP_SAMPLE_RATE, METRICS

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedpeft.client.app import make_client_app
-from fedpeft.config import load_config
+from fedpeft.validation import load_config
 from fedpeft.engine import run_engine
 from fedpeft.errors import ConfigError
 from fedpeft.privacy import secret as secret_module

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.config import load_config
+from fedpeft.validation import load_config
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.dp_sgd import DPSGD, check_private_model, grad_sample_module, per_sample_loss, poisson_batches
 from fedpeft.runtime import runtime

@@ -81,7 +81,7 @@ def test_exported_adapter_reproduces_the_reported_accuracy(small_run):
     import torch
     from peft import PeftModel
 
-    from fedpeft.config import config_from_dict
+    from fedpeft.validation import config_from_dict
     from fedpeft.data import load_dataset
     from fedpeft.models.minilm import load_minilm
     from fedpeft.training import encode

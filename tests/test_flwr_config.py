@@ -3,7 +3,8 @@
 import tomllib
 from pathlib import Path
 
-from fedpeft.config import DEFAULT_CONFIG, config_from_run_config, load_config
+from fedpeft.config import DEFAULT_CONFIG
+from fedpeft.validation import config_from_run_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.config import load_config
+from fedpeft.validation import load_config
 from fedpeft.errors import ConfigError
 from fedpeft.models.lora import PREFIX
 from fedpeft.models.resident import frozen_fingerprint

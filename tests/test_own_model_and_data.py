@@ -110,7 +110,7 @@ def test_bert_folder_on_a_csv_with_natural_clients(assets, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from fedpeft.config import config_from_dict, data_columns
+    from fedpeft.validation import config_from_dict, data_columns
     from fedpeft.data import load_dataset
     from fedpeft.training import encode
     from fedpeft.training.loop import evaluate
@@ -150,7 +150,7 @@ def test_llama_folder_on_alpaca_jsonl(assets, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedpeft.config import config_from_dict, data_columns
+    from fedpeft.validation import config_from_dict, data_columns
     from fedpeft.data import load_dataset
     from fedpeft.training import encode
     from fedpeft.training.loop import evaluate
@@ -256,7 +256,7 @@ def test_task_is_inferred_or_asked_for(assets, tmp_path):
 def test_architecture_without_a_peft_default_asks_for_target_modules(assets, tmp_path):
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
-    from fedpeft.config import load_config
+    from fedpeft.validation import load_config
     from fedpeft.errors import ConfigError
 
     folder = tmp_path / "distilbert"

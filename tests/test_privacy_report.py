@@ -11,7 +11,7 @@ import pytest
 
 from fedpeft.audit.dp import victim_dp
 from fedpeft.audit.empirical import EmpiricalAudit, client_level_audit, sample_level_audit
-from fedpeft.config import load_config
+from fedpeft.validation import load_config
 from fedpeft.privacy import PrivacyReport, client_level_epsilon, compute_epsilon
 from fedpeft.privacy.plan import DPPlan
 from fedpeft.server.privacy_log import run_privacy

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fedpeft.config import config_from_dict, load_config
+from fedpeft.validation import config_from_dict, load_config
 from fedpeft.engine import run_engine
 from fedpeft.server.run_folder import RunFolder
 

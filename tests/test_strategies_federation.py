@@ -7,7 +7,7 @@ import json
 import pytest
 
 import strategies
-from fedpeft.config import load_config
+from fedpeft.validation import load_config
 from fedpeft.engine import run_engine
 
 TINY = [

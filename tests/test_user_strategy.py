@@ -35,7 +35,7 @@ def test_example_passes_the_conformance_check_and_takes_the_median():
 
 
 def test_example_runs_in_a_federation_by_path(tmp_path):
-    from fedpeft.config import load_config
+    from fedpeft.validation import load_config
     from fedpeft.engine import run_engine
 
     cfg = load_config(None, ['strategy.name="mystrategies.median_lora:MedianLoRA"', "strategy.trim_rank=4",

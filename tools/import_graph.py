@@ -38,17 +38,17 @@ LAYERS: dict[str, int] = {
     "fedpeft.privacy": 5,
     "fedpeft.training": 6,
     "fedpeft.validation": 7,  # cross-section checks: registries of data, models, rules, DP
-    "fedpeft.runtime": 7,
+    "fedpeft.runtime": 8,
     "fedpeft.reporting": 8,
-    "fedpeft.client": 8,
-    "fedpeft.server": 9,
-    "fedpeft.engine": 10,
-    "fedpeft.audit": 11,
-    "fedpeft.sweep": 11,
-    "fedpeft.bench": 11,
-    "fedpeft.api": 12,
-    "fedpeft.cli": 13,
-    "fedpeft": 14,  # the package's __init__: the public API
+    "fedpeft.client": 9,
+    "fedpeft.server": 10,
+    "fedpeft.engine": 11,
+    "fedpeft.audit": 12,
+    "fedpeft.sweep": 12,
+    "fedpeft.bench": 12,
+    "fedpeft.api": 13,
+    "fedpeft.cli": 14,
+    "fedpeft": 15,  # the package's __init__: the public API
 }
 
 

@@ -66,7 +66,7 @@ def load_sweep(path: Path, full: bool, extra: list[str], config: Path | None = N
         One line naming the file and the key at fault.
     """
     from fedpeft.audit.settings import parse_settings
-    from fedpeft.config import load_config
+    from fedpeft.validation import load_config
 
     try:
         spec = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -122,7 +122,7 @@ def run_sweep(spec: SweepSpec, extra: list[str], on_point: Callable[[int, int, P
     """Run every point's audit (main experiment only) and collect the curves."""
     from fedpeft.audit.runner import run_audit
     from fedpeft.audit.settings import parse_settings
-    from fedpeft.config import load_config
+    from fedpeft.validation import load_config
 
     t0 = time.perf_counter()
     rows = []

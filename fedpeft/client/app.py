@@ -15,7 +15,8 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config import Config, batch_sampling, config_from_run_config
+from fedpeft.config import Config, batch_sampling
+from fedpeft.validation import config_from_run_config
 from fedpeft.environment import quiet_environment
 from fedpeft.privacy import Accountant, create_accountant
 from fedpeft.privacy.client_level import client_clipping_mod

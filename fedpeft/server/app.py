@@ -15,7 +15,8 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.config import Config, client_ranks, config_from_run_config
+from fedpeft.config import Config, client_ranks
+from fedpeft.validation import config_from_run_config
 from fedpeft.environment import quiet_environment
 from fedpeft.runtime import runtime
 from fedpeft.privacy.client_level import wrap_client_dp

@@ -1,0 +1,152 @@
+"""Checks across config sections that need the registries, and the loaders that run them.
+
+:mod:`fedpeft.config` parses and type-checks each field; what a single field
+cannot say (that the dataset, model and rule it names exist and fit
+together, that a DP claim can be honoured) is checked here, where data,
+models, strategies and privacy are all below. Defaults that depend on the
+named model (LoRA target modules, the head) and the accountant are filled in
+here, so ``summary.json`` names what was used.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import Config, config_tables, parse_config, run_config_tables
+from fedpeft.errors import ConfigError
+from fedpeft.privacy.validation import validate_dp
+
+
+def config_from_dict(tables: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested tables."""
+    cfg = parse_config(tables)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | Config | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read ``path`` (default: the embedded default), apply ``--set`` overrides, validate.
+
+    ``path`` may also be a :class:`Config`: the overrides then apply to a copy of it.
+    """
+    return config_from_dict(config_tables(path, overrides))
+
+
+def config_from_run_config(run_config: typing.Mapping[str, Any]) -> Config:
+    """The validated config of a ``flwr run .`` launch (see :func:`fedpeft.config.run_config_tables`)."""
+    return config_from_dict(run_config_tables(run_config))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks and registry look-ups that a single field cannot do."""
+    fed = cfg.federation
+    if fed.clients_per_round > fed.num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round = {fed.clients_per_round} exceeds "
+            f"federation.num_clients = {fed.num_clients}; use a value in 0..{fed.num_clients} (0 = all)"
+        )
+    spec = validate_model(cfg)
+    validate_data(cfg, spec.task)
+    strategy = build_strategy(cfg)
+    ranks = cfg.peft.client_ranks
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        raise ConfigError(f"peft.client_ranks must be a list of positive integers, got {ranks!r}")
+    if len(set(ranks)) > 1 and not strategy.heterogeneous_ranks:
+        import strategies
+
+        able = [n for n in strategies.available() if strategies.get(n).heterogeneous_ranks]
+        raise ConfigError(
+            f"peft.client_ranks = {ranks} mixes ranks, which strategy {cfg.strategy_name!r} cannot aggregate; "
+            f"use one of: {', '.join(able)}"
+        )
+    validate_dp(cfg, strategy)
+
+
+def validate_model(cfg: Config):
+    """``[model]`` against the model it names; fills in the default target and head modules. Returns its spec."""
+    from fedpeft.models import available_models, get_model_spec
+    from fedpeft.models.folder import is_model_folder
+
+    if not all(isinstance(m, str) and m for m in cfg.peft.target_modules):
+        raise ConfigError(f"peft.target_modules must be a list of module names, got {cfg.peft.target_modules!r}")
+    if not all(isinstance(m, str) and m for m in cfg.peft.modules_to_save):
+        raise ConfigError(f"peft.modules_to_save must be a list of module names, got {cfg.peft.modules_to_save!r}")
+    if cfg.model.name not in available_models() and is_model_folder(cfg.model.name):
+        # Absolute, so worker processes (whatever their working folder) and a
+        # later --resume find the same folder; summary.json records it.
+        cfg.model.name = str(Path(cfg.model.name).expanduser().resolve())
+    spec = get_model_spec(cfg.model.name, cfg.model.task)
+    if not cfg.peft.target_modules:  # resolved here so summary.json names the real modules
+        if not spec.default_targets:
+            raise ConfigError(
+                f"peft.target_modules: peft has no default LoRA target modules for architecture {spec.architecture!r} "
+                f"({cfg.model.name}); set peft.target_modules to the names of its attention Linear layers, "
+                "e.g. [\"q_proj\", \"v_proj\"]"
+            )
+        cfg.peft.target_modules = list(spec.default_targets)
+    if cfg.model.pooling != "cls" and cfg.model.pooling not in spec.poolings:
+        raise ConfigError(f"model.pooling = {cfg.model.pooling!r} is not available for model {cfg.model.name!r}; "
+                          f"choose one of: {', '.join(('cls',) + tuple(spec.poolings))}")
+    if not cfg.peft.modules_to_save:
+        # Mean pooling has no pooler weights: the head is the classifier alone.
+        head = spec.head_modules if cfg.model.pooling == "cls" else tuple(m for m in spec.head_modules if "pooler" not in m)
+        cfg.peft.modules_to_save = list(head)
+    return spec
+
+
+def data_columns(cfg: Config):
+    """The ``[data]`` keys that say how to read a dataset file, as :class:`fedpeft.data.DataColumns`."""
+    from fedpeft.data import DataColumns
+
+    d = cfg.data
+    return DataColumns(text=d.text_column, label=d.label_column, client=d.client_column,
+                       prompt_template=d.prompt_template, response=d.response_column)
+
+
+def validate_data(cfg: Config, task: str) -> None:
+    """``[data]`` against the dataset it names; a dataset file is read here, so a wrong column stops the run."""
+    from fedpeft.data import available_datasets, is_dataset_file, load_dataset
+    from fedpeft.data.local import looks_like_path
+
+    name = cfg.data.dataset
+    if name in available_datasets():
+        if cfg.data.client_column:
+            raise ConfigError(f"data.client_column = {cfg.data.client_column!r} applies to dataset files only; "
+                              f"{name!r} has its own natural groups (data.partition = 'natural'); set it to \"\"")
+        return
+    if not is_dataset_file(name) and looks_like_path(name):
+        raise ConfigError(f"data.dataset = {name!r}: no such file or folder")
+    if not is_dataset_file(name):
+        raise ConfigError(
+            f"data.dataset = {name!r} is not valid; choose one of: {', '.join(available_datasets())}, or the path "
+            "of a .csv, .tsv, .json, .jsonl or .parquet file or a saved Hugging Face datasets folder"
+        )
+    # Absolute for the same reasons as a model folder's path.
+    name = cfg.data.dataset = str(Path(name).expanduser().resolve())
+    if cfg.data.partition == "natural" and not cfg.data.client_column:
+        raise ConfigError("data.partition = 'natural' on a dataset file needs data.client_column, the column naming "
+                          "each row's client (user, author, ...)")
+    if cfg.data.client_column and cfg.data.partition != "natural":
+        raise ConfigError(f"data.client_column = {cfg.data.client_column!r} partitions by that column; set "
+                          "data.partition = 'natural' (or data.client_column = \"\" for iid or dirichlet)")
+    load_dataset(name, test_fraction=cfg.data.test_fraction, columns=data_columns(cfg), task=task)
+
+
+def build_strategy(cfg: Config):
+    """The configured strategy instance; unknown names and parameters are config errors."""
+    import strategies
+
+    name = cfg.strategy.get("name", "fedit")
+    if not isinstance(name, str):
+        raise ConfigError(f"strategy.name must be a string, got {name!r}")
+    try:
+        cls = strategies.get(name)
+        params = dict(cfg.strategy_params)
+        params.setdefault("seed", cfg.federation.seed)
+        return cls.from_params(params)
+    except strategies.UnknownStrategyError as exc:
+        raise ConfigError(exc.args[0] if exc.args else str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"strategy {name!r}: {exc}") from None
