@@ -33,6 +33,8 @@ def error(*overrides: str, path=None) -> str:
 def test_default_loads_and_matches_experiments_default():
     cfg = load_config()
     assert isinstance(cfg, Config)
+    # One default file: experiments/default.toml is a link to the packaged one, not a copy that can drift.
+    assert (ROOT / "experiments" / "default.toml").resolve() == DEFAULT_CONFIG.resolve()
     assert cfg == load_config(ROOT / "experiments" / "default.toml")
     assert cfg == load_config(DEFAULT_CONFIG)
     assert cfg.federation.num_clients == 10
