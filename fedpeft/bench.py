@@ -35,12 +35,13 @@ def bench_resident_model(cfg: Config, repeats: int = 3) -> dict[str, float]:
     """
     from fedpeft.models.registry import get_model_spec
     from fedpeft.models.resident import load_resident_model
+    from fedpeft.runtime import resident_spec
     from fedpeft.runtime import runtime
 
     rt = runtime(cfg)
     payload = rt.model.payload()
     swap = _best_of(lambda: rt.model.set_payload(payload), repeats * 10)
-    rebuild = _best_of(lambda: load_resident_model(cfg, rt.data.num_labels), repeats)
+    rebuild = _best_of(lambda: load_resident_model(resident_spec(cfg, rt.data.num_labels)), repeats)
     return {
         "model": get_model_spec(cfg.model.name, cfg.model.task).name,
         "adapter_swap_s": swap,

@@ -14,13 +14,13 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from fedpeft.config import Config
+from fedpeft.config import Config, max_rank
 from fedpeft.validation import build_strategy, data_columns
 from fedpeft.data import TextClassificationData, load_dataset, partition_indices
 from fedpeft.privacy.dp_sgd import check_private_model
 from fedpeft.privacy.plan import DPPlan, make_dp_plan
 from fedpeft.models.registry import get_model_spec
-from fedpeft.models.resident import ResidentModel, resident_model
+from fedpeft.models.resident import ResidentModel, ResidentSpec, resident_model
 from fedpeft.training import EncodedSplit, encoded_splits
 
 
@@ -65,6 +65,15 @@ _RUNTIMES: dict[str, Runtime] = {}
 _LOCK = threading.Lock()
 
 
+def resident_spec(cfg: Config, num_labels: int) -> ResidentSpec:
+    """The resident model ``cfg`` asks for: the model layer takes this, not the whole config."""
+    p, m = cfg.peft, cfg.model
+    return ResidentSpec(model=m.name, task=m.task, num_labels=num_labels, dropout=m.dropout, pooling=m.pooling,
+                        rank=max_rank(cfg), alpha=p.alpha, target_modules=tuple(p.target_modules),
+                        lora_dropout=p.dropout, rslora=p.rslora, modules_to_save=tuple(p.modules_to_save),
+                        seed=cfg.federation.seed)
+
+
 def runtime(cfg: Config, threads: int | None = None) -> Runtime:
     """This process's runtime for ``cfg`` (built on first call)."""
     key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
@@ -74,7 +83,7 @@ def runtime(cfg: Config, threads: int | None = None) -> Runtime:
                 torch.set_num_threads(threads)
             data = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction, columns=data_columns(cfg),
                                 task=get_model_spec(cfg.model.name, cfg.model.task).task)
-            _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(cfg, data.num_labels))
+            _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(resident_spec(cfg, data.num_labels)))
         return _RUNTIMES[key]
 
 
@@ -88,5 +97,5 @@ def install_runtime(cfg: Config, data: TextClassificationData) -> Runtime:
     """
     key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
     with _LOCK:
-        _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(cfg, data.num_labels))
+        _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(resident_spec(cfg, data.num_labels)))
         return _RUNTIMES[key]

@@ -160,9 +160,10 @@ def test_batch_of_two_with_best_matching_beats_the_prior(vlora):
 def minilm():
     from fedpeft.validation import load_config
     from fedpeft.models.resident import load_resident_model
+    from fedpeft.runtime import resident_spec
 
     cfg = load_config(None, ["peft.r=16", "model.dropout=0"])
-    resident = load_resident_model(cfg, 2)
+    resident = load_resident_model(resident_spec(cfg, 2))
     resident.model.eval()
     return resident
 

@@ -16,6 +16,7 @@ from fedpeft.audit.observe import Truth, observe
 from fedpeft.validation import build_strategy, load_config
 from fedpeft.data import load_dataset
 from fedpeft.models.resident import load_resident_model
+from fedpeft.runtime import resident_spec
 from strategies import LoRAFactors, Payload
 
 R = 16
@@ -25,7 +26,7 @@ R = 16
 def setup():
     torch.set_num_threads(2)
     cfg = load_config(None, ["model.dropout=0", f"peft.r={R}"])
-    model = load_resident_model(cfg, 2)
+    model = load_resident_model(resident_spec(cfg, 2))
     data = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction)
     tok = model.tokenizer
     ids = [np.asarray(x) for x in tok(list(data.test_texts), truncation=True, max_length=48)["input_ids"]]

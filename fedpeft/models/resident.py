@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedpeft.config import Config, max_rank
 from fedpeft.models.lora import PREFIX, attach_lora, load_trainable_state, module_scalings, to_payload, to_peft_state, trainable_state
 from fedpeft.models.registry import get_model_spec
 from strategies import LoRAFactors, Payload
@@ -109,49 +108,88 @@ class ResidentModel:
         return 4 * self.total_params
 
 
-_CACHE: dict[tuple, ResidentModel] = {}
+@dataclass(frozen=True)
+class ResidentSpec:
+    """What a resident model is built from: the base model and its LoRA adapter (hashable: the cache key).
+
+    Parameters
+    ----------
+    model : str
+        ``model.name``: a registered short name or a local model folder.
+    task : str
+        ``model.task`` ("auto" or "" to infer it from the model).
+    num_labels : int
+        Classes of the classification head.
+    dropout : float
+        The base model's dropout.
+    pooling : str
+        ``model.pooling``.
+    rank : int
+        LoRA rank of the resident model (the largest client rank).
+    alpha : float
+        LoRA alpha.
+    target_modules : tuple of str
+        Modules LoRA adapts (empty: the model's defaults).
+    lora_dropout : float
+        Dropout on the LoRA input.
+    rslora : bool
+        Rank-stabilised scaling alpha / sqrt(r).
+    modules_to_save : tuple of str
+        The head, trained in full (empty: the model's default head).
+    seed : int
+        Seeds the initial adapter and head.
+    """
+
+    model: str
+    task: str
+    num_labels: int
+    dropout: float
+    pooling: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    lora_dropout: float
+    rslora: bool
+    modules_to_save: tuple[str, ...]
+    seed: int
+
+
+_CACHE: dict[ResidentSpec, ResidentModel] = {}
 _LOCK = threading.Lock()
 
 
-def _key(cfg: Config, num_labels: int) -> tuple:
-    p = cfg.peft
-    return (cfg.model.name, cfg.model.task, cfg.model.dropout, cfg.model.pooling, num_labels, max_rank(cfg), p.alpha, tuple(p.target_modules), p.dropout, p.rslora,
-            tuple(p.modules_to_save), cfg.federation.seed)
-
-
-def resident_model(cfg: Config, num_labels: int) -> ResidentModel:
-    """This process's model for ``cfg``, loaded on first use and then reused."""
-    key = _key(cfg, num_labels)
+def resident_model(spec: ResidentSpec) -> ResidentModel:
+    """This process's model for ``spec``, loaded on first use and then reused."""
     with _LOCK:
-        if key not in _CACHE:
-            _CACHE[key] = load_resident_model(cfg, num_labels)
-        return _CACHE[key]
+        if spec not in _CACHE:
+            _CACHE[spec] = load_resident_model(spec)
+        return _CACHE[spec]
 
 
-def load_resident_model(cfg: Config, num_labels: int) -> ResidentModel:
-    """Build a new model for ``cfg`` (uncached; :func:`resident_model` keeps one per process)."""
-    spec = get_model_spec(cfg.model.name, cfg.model.task)
+def load_resident_model(spec: ResidentSpec) -> ResidentModel:
+    """Build a new model for ``spec`` (uncached; :func:`resident_model` keeps one per process)."""
+    model_spec = get_model_spec(spec.model, spec.task)
     # The new task head is initialised from torch's global RNG: seed it so the
     # server's initial state, which every client receives, is reproducible.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.federation.seed)
-        pooling = {"pooling": cfg.model.pooling} if cfg.model.pooling != "cls" else {}
-        base, tokenizer = spec.load(num_labels=num_labels, dropout=cfg.model.dropout, **pooling)
+        torch.manual_seed(spec.seed)
+        pooling = {"pooling": spec.pooling} if spec.pooling != "cls" else {}
+        base, tokenizer = model_spec.load(num_labels=spec.num_labels, dropout=spec.dropout, **pooling)
     total = int(sum(p.numel() for p in base.parameters()))
-    targets = cfg.peft.target_modules or list(spec.default_targets)
     model = attach_lora(
         base,
-        spec.task,
-        r=max_rank(cfg),
-        alpha=cfg.peft.alpha,
-        target_modules=targets,
-        dropout=cfg.peft.dropout,
-        rslora=cfg.peft.rslora,
-        seed=cfg.federation.seed,
-        head_modules=tuple(cfg.peft.modules_to_save) or spec.head_modules,
+        model_spec.task,
+        r=spec.rank,
+        alpha=spec.alpha,
+        target_modules=list(spec.target_modules or model_spec.default_targets),
+        dropout=spec.lora_dropout,
+        rslora=spec.rslora,
+        seed=spec.seed,
+        head_modules=tuple(spec.modules_to_save) or model_spec.head_modules,
     )
     resident = ResidentModel(
-        model=model, tokenizer=tokenizer, task=spec.task, scalings=module_scalings(model), total_params=total, rank=max_rank(cfg)
+        model=model, tokenizer=tokenizer, task=model_spec.task, scalings=module_scalings(model), total_params=total,
+        rank=spec.rank,
     )
     resident.initial = resident.payload()
     return resident
