@@ -211,6 +211,7 @@ def test_wrong_column_is_one_line_naming_the_columns(assets, tmp_path):
     pytest.param("no-config", ["model.name", "no config.json"], id="no-config"),
     pytest.param("broken-weights", ["model.name", "cannot read the weights", "model.safetensors"], id="broken-weights"),
     pytest.param("unknown-architecture", ["model.name", "cannot read its config.json"], id="unknown-architecture"),
+    pytest.param("no-tokenizer", ["model.name", "no tokenizer files", "tokenizer.save_pretrained"], id="no-tokenizer"),
 ])
 def test_unloadable_model_folder_is_one_line(assets, tmp_path, breakage, named):
     import shutil
@@ -221,6 +222,9 @@ def test_unloadable_model_folder_is_one_line(assets, tmp_path, breakage, named):
         (folder / "config.json").unlink()
     elif breakage == "broken-weights":
         (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    elif breakage == "no-tokenizer":
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / file).unlink()
     else:
         config = json.loads((folder / "config.json").read_text())
         config["model_type"] = "no-such-architecture"
@@ -263,6 +267,7 @@ def test_architecture_without_a_peft_default_asks_for_target_modules(assets, tmp
     tokenizer = AutoTokenizer.from_pretrained(assets / "bert")
     DistilBertForSequenceClassification(DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=16, n_layers=1, n_heads=2,
                                                          hidden_dim=32)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     with pytest.raises(ConfigError, match=r"peft\.target_modules.*'distilbert'"):
         load_config(None, [f"model.name={folder}"])
     cfg = load_config(None, [f"model.name={folder}", 'peft.target_modules=["q_lin", "v_lin"]'])

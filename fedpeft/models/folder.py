@@ -26,6 +26,10 @@ TASKS = ("classification", "causal_lm")
 # PeftModelForSequenceClassification looks for the same two.
 HEAD_NAMES = ("classifier", "score")
 
+# Files one of which every saved tokenizer has (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
 # Config attributes that hold a dropout probability, across architectures;
 # ``model.dropout`` sets whichever of them a checkpoint's config has.
 DROPOUT_ATTRIBUTES = (
@@ -53,6 +57,13 @@ def folder_model_spec(name: str, task: str = "auto") -> ModelSpec:
     config = _read_config(name, path)
     task = _resolve_task(name, config, task)
     checkpoint_keys = _checkpoint_keys(name, path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would build an empty-vocabulary tokenizer from config.json
+        # alone, and every text would train as unknown tokens.
+        raise ConfigError(
+            f"model.name = {name!r}: the folder has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+            "save the tokenizer into it with tokenizer.save_pretrained"
+        )
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
     # Empty when peft has no mapping for the architecture: config validation
