@@ -25,8 +25,8 @@ import torch
 
 from fedpeft.audit.attacks.base import Attack, AttackResult, Observation, checked_params
 from fedpeft.audit.attacks.gradient_matching import (
-    _as_tensors,
-    _cosine_distance,
+    as_tensors,
+    cosine_distance,
     head_bias_key,
     payload_gradients,
     recover_labels,
@@ -96,7 +96,7 @@ def invert_text_embeddings(model, tokenizer, observed: Mapping[str, object], lab
     if num_tokens < 3:
         raise ValueError("num_tokens counts [CLS] and [SEP]; it must be at least 3")
     start = time.perf_counter()
-    target = _as_tensors(observed)
+    target = as_tensors(observed)
     table = model.get_input_embeddings().weight.detach()
     allowed = candidate_token_mask(tokenizer)
     cls = table[tokenizer.cls_token_id][None]
@@ -109,7 +109,7 @@ def invert_text_embeddings(model, tokenizer, observed: Mapping[str, object], lab
     def match_loss(z: torch.Tensor, create_graph: bool) -> torch.Tensor:
         embeds = torch.cat([cls, z, sep])[None]
         loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-        return _cosine_distance(payload_gradients(model, loss, create_graph=create_graph), target)
+        return cosine_distance(payload_gradients(model, loss, create_graph=create_graph), target)
 
     def token_loss(ids: list[int]) -> float:
         return float(match_loss(table[ids], False).detach())
