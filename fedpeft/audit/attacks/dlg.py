@@ -73,6 +73,6 @@ def deep_leakage(model: nn.Module, observed: Mapping[str, object], labels, shape
 class DeepLeakage(ImageMatching):
     """Registered wrapper of :func:`deep_leakage` (parameters: its keyword arguments)."""
 
-    summary = "DLG: L2 gradient matching with L-BFGS, labels from the head bias (images)"
+    summary = "DLG: L2 gradient matching with L-BFGS, labels from the head bias"
     _function = staticmethod(deep_leakage)
     _defaults = {"iterations": 20, "restarts": 1, "seed": 0}

@@ -33,6 +33,15 @@ from fedpeft.audit.attacks.gradient_matching import (
     trainable_tensors,
 )
 from fedpeft.audit.attacks.registry import register_attack
+from fedpeft.audit.scoring import (
+    LABEL_METRICS,
+    TOKEN_METRICS,
+    Pair,
+    ScoreContext,
+    label_scores,
+    token_example,
+    token_scores,
+)
 
 
 def candidate_token_mask(tokenizer) -> torch.Tensor:
@@ -228,7 +237,10 @@ class EmbeddingInversion(Attack):
     """
 
     modalities = ("text",)
-    summary = "TAG-style: optimise input embeddings against the LoRA+head gradient, project to tokens (text, batch 1)"
+    recovers = "one sentence's tokens and its label"
+    observes = "the LoRA and head gradients"
+    summary = "TAG-style: optimise input embeddings to match them, project to tokens (batch 1)"
+    metrics = LABEL_METRICS + TOKEN_METRICS
     _defaults = {"iterations": 100, "lr": 0.05, "restarts": 1, "seed": 0, "candidates": 5, "sweeps": 1, "prior_tokens": 10}
 
     def __init__(self, **params: Any) -> None:
@@ -255,3 +267,10 @@ class EmbeddingInversion(Attack):
         diagnostics.update(num_tokens=float(num_tokens), length_exact=float(exact))
         reconstruction = {"tokens": tokens, "text": tokenizer.decode(tokens), "labels": [label]}
         return AttackResult(self.name, reconstruction, diagnostics)
+
+    def score(self, result: AttackResult, ctx: ScoreContext) -> dict[str, Pair]:
+        rec = result.reconstruction
+        return {**label_scores(rec["labels"], ctx), **token_scores(rec["tokens"], ctx)}
+
+    def example(self, result: AttackResult, ctx: ScoreContext, victim: int) -> dict[str, Any]:
+        return token_example(result.reconstruction["tokens"], ctx, victim)

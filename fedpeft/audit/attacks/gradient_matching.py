@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fedpeft.audit.attacks.base import Attack, AttackResult, Observation, checked_params, wire_key
+from fedpeft.audit.scoring import IMAGE_METRICS
 
 LossFn = Callable[[nn.Module], torch.Tensor]
 
@@ -150,6 +151,9 @@ class ImageMatching(Attack):
     """Shared plumbing of the image gradient-matching attacks: labels, shape, result."""
 
     modalities = ("image",)
+    recovers = "the victim's images and labels"
+    observes = "the LoRA and head gradients"
+    metrics = IMAGE_METRICS
     _function: Callable  # the attack function: (model, observed, labels, shape, **params) -> (images, diagnostics)
     _defaults: dict[str, Any] = {}
 

@@ -88,6 +88,6 @@ def invert_gradients(model: nn.Module, observed: Mapping[str, object], labels, s
 class InvertingGradients(ImageMatching):
     """Registered wrapper of :func:`invert_gradients` (parameters: its keyword arguments)."""
 
-    summary = "Inverting Gradients: cosine gradient matching + TV prior, Adam with restarts (images)"
+    summary = "Inverting Gradients: cosine gradient matching + TV prior, Adam with restarts"
     _function = staticmethod(invert_gradients)
     _defaults = {"iterations": 1000, "lr": 0.1, "tv": 1e-4, "restarts": 1, "seed": 0}
