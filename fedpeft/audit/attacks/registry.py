@@ -7,8 +7,9 @@ registered with a decorator, like strategies::
     class LoRASpan(Attack):
         ...
 
-Built-in attacks register when :mod:`fedpeft.audit.attacks` is imported;
-other packages register the same way on import. A user's own attack needs no
+Built-in attacks register when :mod:`fedpeft.audit.attacks` is imported,
+which Python does before it imports this module; other packages register
+the same way on import. A user's own attack needs no
 registration: ``audit.attacks = ["my_package.my_module:MyAttack"]`` imports
 it, as ``strategy.name`` does for strategies.
 """
@@ -48,7 +49,6 @@ def register_attack(name: str) -> Callable[[T], T]:
 
 def available_attacks() -> list[str]:
     """Names of every registered attack, sorted."""
-    _load_builtin()
     return sorted(_ATTACKS)
 
 
@@ -67,7 +67,6 @@ def get_attack(name: str) -> type:
         :class:`~fedpeft.audit.attacks.base.Attack` subclass; the message
         names ``audit.attacks`` and the valid choices.
     """
-    _load_builtin()
     if isinstance(name, str) and ":" in name:
         return _load(name)
     try:
@@ -128,8 +127,3 @@ def _load(path: str) -> type:
         obj.name = path
     return obj
 
-
-def _load_builtin() -> None:
-    # Importing the package registers the built-in attacks; a look-up before
-    # that import (registry used on its own) must still see them.
-    import fedpeft.audit.attacks  # noqa: F401
