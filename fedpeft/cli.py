@@ -199,9 +199,9 @@ def audit(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
         fail("--full needs --sweep FILE")
     try:
         cfg = load_config(config, set_ or [])
-        from fedpeft.audit.settings import parse_settings
+        from fedpeft.audit.attacks import build_attacks
 
-        settings = parse_settings(cfg.audit)
+        build_attacks(cfg.audit)  # an unknown attack or a bad parameter fails here, before anything is written
         if sweep is not None:
             from fedpeft.audit.sweep import load_sweep
 
@@ -223,7 +223,7 @@ def audit(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
             def on_victim(description: str, done: int, total: int) -> None:
                 progress.update(task, description=description, completed=done, total=total)
 
-            result = run_audit(cfg, settings, on_victim)
+            result = run_audit(cfg, progress=on_victim)
     except FedPeftError as exc:
         fail(str(exc))
     write_report(result, target)
@@ -256,6 +256,15 @@ def list_strategies() -> None:
 
     for name, summary in registry.describe():
         print(f"{name:12s} {summary}")
+
+
+@app.command("attacks")
+def list_attacks() -> None:
+    """List the registered privacy attacks (for audit.attacks): what each recovers, and from what."""
+    from fedpeft.audit.attacks import describe_attacks
+
+    for name, line in describe_attacks():
+        print(f"{name:20s} {line}")
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 
 
 def _f(default: Any, help: str, **limits: Any) -> Any:
-    """A dataclass field with a help string and optional ``min``/``max``/``choices``."""
+    """A dataclass field with a help string and optional ``min``/``max``/``choices`` (and ``expect``: its valid values in words)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **limits})
     return field(default=default, metadata={"help": help, **limits})
@@ -138,6 +138,86 @@ class DPConfig:
 
 
 @dataclass
+class AuditConfig:
+    """``[audit]``: what ``fedpeft audit`` plays, a curious server rebuilding one client's data from its payload.
+
+    Besides these keys the table holds one sub-table per attack that takes
+    parameters (``[audit.dlg]``, ``audit.lora-span = {tol = 0.01}``); they
+    are collected in ``params`` and checked against the attack when the audit
+    builds it (:func:`fedpeft.audit.attacks.build_attacks`), since the attack
+    registry sits above the config.
+    """
+
+    attacks: list = _f(["label-recovery", "linear-inversion", "lora-span"],
+                       "attacks to run: registered names (`fedpeft attacks`) or 'package.module:ClassName' for your own",
+                       expect="a non-empty list of attack names")
+    victims: int = _f(20, "victims in the main experiment and the positive control (bootstrap intervals over them; 20 or more)",
+                      min=1, expect="an integer >= 1")
+    batch_size: int = _f(1, "examples each victim holds and trains on per step (its whole local data)", min=1,
+                         expect="an integer >= 1")
+    round: int = _f(1, "1 = a fresh round (LoRA B = 0); k > 1 = the global state after k - 1 rounds (B != 0), approximated by "
+                       "(k - 1) * train.local_steps steps on public rows", min=1, expect="an integer >= 1")
+    local_steps: int = _f(1, "the victim's local steps (1 = it uploads its single-step gradient)", min=1,
+                          expect="an integer >= 1")
+    optimizer: str = _f("sgd", "the victim's optimiser when local_steps > 1", choices=("sgd", "adamw"))
+    victim_texts: str = _f("", "file of victims' sentences, one per line (optionally \"<label><TAB><text>\"); \"\" = the unseen "
+                               "test split", expect="a path to a text file")
+    max_victim_tokens: int = _f(0, "only victim sentences of at most this many tokens, specials included (0 = any)", min=0,
+                                expect="an integer >= 0")
+    studies: bool = _f(True, "also the positive control and the studies that vary it (batch, length, dropout, steps)",
+                       expect="true or false")
+    study_victims: int = _f(8, "victims per study experiment", min=1, expect="an integer >= 1")
+    prior_examples: int = _f(2000, "public training rows forming the server's prior (token and label frequencies, mean "
+                                   "features)", min=10, expect="an integer >= 10")
+    empirical: bool = _f(True, "also the canary audit: an empirical epsilon lower bound beside the accountant's",
+                         expect="true or false")
+    canary_trials: int = _f(1000, "canary audit trials with the canary, and as many without", min=10,
+                            expect="an integer >= 10")
+    confidence: float = _f(0.95, "confidence of the empirical lower bound (Clopper-Pearson)", min=0.5,
+                           expect="a number in [0.5, 1), e.g. 0.95")
+    params: dict = _f({}, "per-attack parameters by attack: the [audit.<attack>] sub-tables, e.g. [audit.dlg] iterations = 50")
+
+    def __post_init__(self) -> None:
+        # What one field's type and limits cannot say.
+        if not self.attacks or not all(isinstance(a, str) and a for a in self.attacks):
+            raise ConfigError(f"audit.attacks must be a non-empty list of attack names, got {self.attacks!r}")
+        if self.confidence >= 1.0:
+            raise ConfigError(f"audit.confidence must be a number in [0.5, 1), e.g. 0.95, got {self.confidence!r}")
+        if self.victim_texts and not Path(self.victim_texts).is_file():
+            raise ConfigError(f"audit.victim_texts = {self.victim_texts!r}: no such file")
+        for name, table in self.params.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"audit.{name} must be a table of that attack's parameters, got {table!r}")
+
+    @classmethod
+    def normalise_table(cls, table: dict[str, Any]) -> dict[str, Any]:
+        """The ``[audit]`` table with its attack sub-tables gathered into ``params``.
+
+        Any key that is not a field and holds a table is an attack's
+        parameters; any other such key is a typo. A single attack name may be
+        given as a string (``--set audit.attacks=lora-span``).
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        params = dict(table.get("params", {})) if isinstance(table.get("params"), dict) else {}
+        for key, value in table.items():
+            if key in fields:
+                out[key] = value
+            elif isinstance(value, dict):
+                params[key] = value
+            else:
+                raise ConfigError(
+                    f"unknown key audit.{key}; valid keys: {', '.join(sorted(fields))}; or, if {key!r} is an attack, "
+                    f"audit.{key} must be a table of its parameters ([audit.{key}])"
+                )
+        if isinstance(out.get("attacks"), str):
+            out["attacks"] = [out["attacks"]]
+        if params or "params" in out:
+            out["params"] = params
+        return out
+
+
+@dataclass
 class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -148,7 +228,7 @@ class Config:
     # kept as a plain table and checked against the class in ``validate``.
     strategy: dict = field(default_factory=lambda: {"name": "fedit"})
     dp: DPConfig = field(default_factory=DPConfig)
-    audit: dict = field(default_factory=dict)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -212,15 +292,31 @@ def _build_section(name: str, table: Any) -> Any:
         return base
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
+    if hasattr(cls, "normalise_table"):  # a section with sub-tables of its own ([audit.<attack>])
+        table = cls.normalise_table(table)
     values = {}
     for key, value in table.items():
         full = f"{name}.{key}"
         if key not in known:
             raise ConfigError(f"unknown key {full}; valid keys in [{name}]: {', '.join(known)}")
-        value = _coerce(full, value, hints[key])
-        _check_limits(full, value, known[key].metadata)
-        values[key] = value
+        values[key] = _field_value(full, value, hints[key], known[key].metadata)
     return cls(**values)
+
+
+def _field_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """``value`` coerced to the field's type and checked against its limits.
+
+    A field whose metadata says what it expects in words (``expect``) gets
+    that one message for a wrong type and an out-of-range value alike.
+    """
+    try:
+        coerced = _coerce(key, value, tp)
+        _check_limits(key, coerced, meta)
+    except ConfigError:
+        if "expect" in meta:
+            raise ConfigError(f"{key} must be {meta['expect']}, got {value!r}") from None
+        raise
+    return coerced
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

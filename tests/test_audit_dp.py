@@ -12,7 +12,6 @@ import torch
 from fedpeft.audit.dp import dp_upload, victim_dp
 from fedpeft.audit.observe import honest_upload, victim_batch
 from fedpeft.audit.runner import run_audit
-from fedpeft.audit.settings import parse_settings
 from fedpeft.validation import load_config
 from fedpeft.privacy.dp_sgd import DPSGD
 
@@ -22,7 +21,7 @@ BASE = ["model.dropout=0", "peft.r=16", "dp.mode=sample", "audit.max_victim_toke
 
 def main_table(overrides: list[str], upload=None) -> tuple[dict, dict]:
     cfg = load_config(None, BASE + overrides)
-    result = run_audit(cfg, parse_settings(cfg.audit), upload=upload)
+    result = run_audit(cfg, upload=upload)
     main = result["experiments"][0]
     assert main["name"] == "main"
     return main["attacks"], main["dp"]

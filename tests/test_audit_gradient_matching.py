@@ -14,15 +14,15 @@ from torch import nn
 
 from fedpeft.audit.attacks import get_attack
 from fedpeft.audit.attacks.base import Observation
+from fedpeft.audit.attacks.dlg import deep_leakage
 from fedpeft.audit.attacks.gradient_matching import (
     client_upload,
-    deep_leakage,
     head_bias_key,
-    invert_gradients,
     payload_gradients,
     recover_labels,
     trainable_tensors,
 )
+from fedpeft.audit.attacks.inverting_gradients import invert_gradients
 from fedpeft.audit.vision.experiment import run_image_attack
 from fedpeft.audit.vision.model import lora_cnn
 from fedpeft.errors import ConfigError
@@ -175,7 +175,7 @@ def _text_payload(resident, text: str, label: int):
 
 
 def test_sequence_length_is_read_off_the_lora_gradient_rank(minilm):
-    from fedpeft.audit.attacks.text_embedding_inversion import estimate_num_tokens
+    from fedpeft.audit.attacks.embedding_inversion import estimate_num_tokens
 
     for text in ("a chilling movie.", "uneven but a lot of fun, and smart"):
         ids, g = _text_payload(minilm, text, 1)
@@ -183,7 +183,7 @@ def test_sequence_length_is_read_off_the_lora_gradient_rank(minilm):
 
 
 def test_true_tokens_match_their_own_gradient_and_eager_attention_is_restored(minilm):
-    from fedpeft.audit.attacks import text_embedding_inversion as tei
+    from fedpeft.audit.attacks import embedding_inversion as tei
 
     ids, g = _text_payload(minilm, "a chilling movie.", 0)
     base = minilm.model.get_base_model()
@@ -200,7 +200,7 @@ def test_true_tokens_match_their_own_gradient_and_eager_attention_is_restored(mi
 def test_embedding_inversion_beats_the_token_prior(minilm):
     from collections import Counter
 
-    from fedpeft.audit.attacks import text_embedding_inversion as tei
+    from fedpeft.audit.attacks import embedding_inversion as tei
     from fedpeft.audit.metrics import token_prf
     from fedpeft.data import load_dataset
 

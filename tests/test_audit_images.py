@@ -11,7 +11,7 @@ import torch
 
 from fedpeft.audit.report import IMAGE_GRID, write_report
 from fedpeft.audit.runner import run_audit
-from fedpeft.audit.settings import parse_settings
+from fedpeft.audit.attacks import build_attacks
 from fedpeft.validation import load_config
 from fedpeft.errors import ConfigError
 
@@ -25,7 +25,7 @@ def threads():
 
 def audit(overrides: list[str]) -> dict:
     cfg = load_config(None, FAST + overrides)
-    return run_audit(cfg, parse_settings(cfg.audit))
+    return run_audit(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,10 @@ def test_strong_dp_sgd_brings_dlg_to_the_prior():
 def test_bad_image_attack_parameter_is_a_config_error_before_anything_runs():
     cfg = load_config(None, ["audit.attacks=['dlg']", "audit.dlg={restarts=-1}"])
     with pytest.raises(ConfigError, match=r"audit\.dlg\.restarts = -1"):
-        parse_settings(cfg.audit)
+        build_attacks(cfg.audit)
 
 
 def test_more_image_victims_than_private_digits_fails_before_any_experiment():
     cfg = load_config(None, ["audit.attacks=['lora-span','dlg']", "audit.victims=200", "audit.batch_size=2"])
     with pytest.raises(ConfigError, match=r"400 images; .* 359 private images"):
-        run_audit(cfg, parse_settings(cfg.audit))
+        run_audit(cfg)

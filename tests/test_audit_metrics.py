@@ -3,16 +3,34 @@ settings validation, and the analytic attacks on a small torch head."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from fedpeft.audit.attacks import Attack, AttackResult, Observation, available_attacks, get_attack, register_attack
+from fedpeft.audit.attacks import (
+    Attack,
+    AttackResult,
+    Observation,
+    available_attacks,
+    build_attacks,
+    get_attack,
+    register_attack,
+)
 from fedpeft.audit.attacks.label_recovery import largest_remainder
 from fedpeft.audit.attacks.linear_inversion import invert_linear
 from fedpeft.audit.metrics import bootstrap_ci, exact_recovery, label_accuracy, rouge, token_prf
-from fedpeft.audit.settings import parse_settings
+from fedpeft.config import AuditConfig, field_help
+from fedpeft.validation import config_from_dict, load_config
 from fedpeft.errors import ConfigError
+
+
+def parse_audit(table: dict) -> AuditConfig:
+    """The ``[audit]`` section of a config with ``table`` as its audit table, its attacks built (as `fedpeft audit` does)."""
+    audit = config_from_dict({"audit": table}).audit
+    build_attacks(audit)
+    return audit
 
 
 def test_token_prf_counts_multisets_and_ignores_specials():
@@ -92,7 +110,10 @@ def test_attacks_say_why_they_do_not_apply():
     assert "no classifier bias" in get_attack("label-recovery")().applicable(obs)
 
 
-def test_registry_registers_and_names_valid_attacks():
+def test_registry_registers_and_names_valid_attacks(monkeypatch):
+    from fedpeft.audit.attacks import registry
+
+    monkeypatch.setattr(registry, "_ATTACKS", dict(registry._ATTACKS))  # the test attack leaves with the test
     assert {"label-recovery", "linear-inversion", "lora-span"} <= set(available_attacks())
 
     @register_attack("test-constant")
@@ -117,18 +138,39 @@ def test_registry_registers_and_names_valid_attacks():
         ({"victim_texts": "/no/such/file.txt"}, "audit.victim_texts = '/no/such/file.txt': no such file"),
         ({"colour": 1}, "unknown key audit.colour; valid keys:"),
         ({"lora-span": 3}, "audit.lora-span must be a table"),
+        ({"studies": 1}, "audit.studies must be true or false, got 1"),
+        ({"confidence": 1.0}, "audit.confidence must be a number in [0.5, 1)"),
+        ({"attacks": ["lora-span", 3]}, "audit.attacks must be a non-empty list of attack names"),
+        ({"nope": {"x": 1}}, "unknown table [audit.nope]: 'nope' is neither a registered attack"),
+        ({"dlg": {"restarts": -1}}, "audit.dlg.restarts = -1 must be a non-negative number"),
     ],
 )
 def test_settings_errors_name_the_key(table, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        parse_settings(table)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_audit(table)
 
 
 def test_settings_defaults_and_attack_params():
-    s = parse_settings({"lora-span": {"tol": 0.01}, "victims": 25})
-    assert s.victims == 25 and s.attacks == ("label-recovery", "linear-inversion", "lora-span")
+    s = parse_audit({"lora-span": {"tol": 0.01}, "victims": 25})
+    assert s.victims == 25 and s.attacks == ["label-recovery", "linear-inversion", "lora-span"]
     assert get_attack("lora-span")(**s.params["lora-span"]).tol == 0.01
     with pytest.raises(ConfigError, match="audit.lora-span.tol must be a number"):
         get_attack("lora-span")(tol=2.0)
     with pytest.raises(ConfigError, match="unknown parameters"):
         get_attack("linear-inversion")(colour=1)
+
+
+def test_audit_defaults_live_in_the_config_section(tmp_path):
+    # A file without [audit] gets the dataclass defaults: the same as the default config's table.
+    f = tmp_path / "no_audit.toml"
+    f.write_text("[federation]\nnum_clients = 10\n")
+    assert load_config(f).audit == AuditConfig() == load_config().audit
+    assert "audit.canary_trials" in field_help() and "audit.attacks" in field_help()
+
+
+def test_attack_sub_tables_are_gathered_and_round_trip():
+    cfg = load_config(None, ["audit.dlg={iterations=5}", "audit.attacks=lora-span"])
+    assert cfg.audit.params == {"dlg": {"iterations": 5}} and cfg.audit.attacks == ["lora-span"]
+    assert config_from_dict(cfg.to_dict()) == cfg  # summary.json's config loads back
+    with pytest.raises(ConfigError, match="unknown key audit.colour"):
+        load_config(None, ["audit.colour=1"])  # every command, not only `fedpeft audit`

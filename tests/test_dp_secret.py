@@ -204,10 +204,9 @@ def test_fedpeft_audit_runs_the_sample_level_canary_audit_through_the_real_clien
     from fedpeft.audit.dp import victim_dp
     from fedpeft.audit.report import empirical_section
     from fedpeft.audit.runner import empirical_privacy
-    from fedpeft.audit.settings import parse_settings
 
     cfg = load_config(None, ['dp.mode="sample"', "dp.noise_multiplier=2.0", "dp.delta=1e-5", "audit.canary_trials=40"])
-    settings = parse_settings(cfg.audit)
+    settings = cfg.audit
     result = empirical_privacy(cfg, settings, victim_dp(cfg.dp, settings.local_steps, settings.batch_size)).to_dict()
     assert result["unit"] == "sample" and result["relation"] == "replace-one"
     assert "real ClientApp" in result["details"] and result["test"] in ("exact replay", "canary gradient step")

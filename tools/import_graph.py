@@ -4,7 +4,8 @@
     python tools/import_graph.py --modules  # also every module-level edge
 
 Every import counts, including the ones inside functions: a lazy import that
-only dodges a cycle at import time is still a cycle in the design. Layers
+only dodges a cycle at import time is still a cycle in the design. Imports
+under ``if TYPE_CHECKING:`` (annotations only, never run) do not. Layers
 follow the data flow (DESIGN.md): config -> data -> model -> privacy ->
 training -> client -> server -> engines, with the audit, sweeps and
 benchmarks above the federation and the CLI on top. A module may import its
@@ -69,7 +70,11 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found: set[str] = set()
+    type_only = {id(n) for block in ast.walk(tree) if _is_type_checking_block(block)
+                 for stmt in block.body for n in ast.walk(stmt)}
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -88,6 +93,15 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             if target and target != name:
                 found.add(target)
     return found
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): imports for annotations only, never executed."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def unit_of(module: str) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 from fedpeft.config import Config
 from fedpeft.validation import load_config
 from fedpeft.environment import quiet_environment
+from fedpeft.validation import load_config
 
 
 def audit(config: str | Path | Config | None = None, *, overrides: Sequence[str] = (), out: str | Path | None = None,
@@ -40,14 +41,14 @@ def audit(config: str | Path | Config | None = None, *, overrides: Sequence[str]
     """
     quiet_environment()
     cfg = load_config(config, overrides)
-    from fedpeft.audit.settings import parse_settings
+    from fedpeft.audit.attacks import build_attacks
     from fedpeft.server.run_folder import new_output_folder
 
-    settings = parse_settings(cfg.audit)
+    build_attacks(cfg.audit)  # an unknown attack or a bad parameter fails here, before anything is written
     target = new_output_folder(out, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-audit-{cfg.federation.name}")
     from fedpeft.audit.report import write_report
     from fedpeft.audit.runner import run_audit
 
-    result = run_audit(cfg, settings, on_victim)
+    result = run_audit(cfg, progress=on_victim)
     write_report(result, target)
     return result

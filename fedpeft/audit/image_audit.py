@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from fedpeft.audit.attacks.base import Attack
-from fedpeft.audit.attacks.label_recovery import largest_remainder
 from fedpeft.audit.metrics import bootstrap_ci
-from fedpeft.audit.settings import AuditSettings
-from fedpeft.config import Config
+from fedpeft.audit.priors import prior_labels
+from fedpeft.config import AuditConfig, Config
 from fedpeft.errors import ConfigError
 
 IMAGE_DATASET = "digits"
@@ -36,7 +35,7 @@ def is_image_attack(attack: Attack) -> bool:
     return attack.modalities == ("image",)
 
 
-def check_victims(s: AuditSettings) -> None:
+def check_victims(s: AuditConfig) -> None:
     """Raise a :class:`ConfigError` if ``audit.victims x audit.batch_size`` exceeds the private digits.
 
     Cheap (the digits ship with scikit-learn), so the audit calls it before
@@ -50,7 +49,7 @@ def check_victims(s: AuditSettings) -> None:
                           f"victims are {have} private images")
 
 
-def run_image_audit(cfg: Config, s: AuditSettings, attacks: list[Attack], vdp=None,
+def run_image_audit(cfg: Config, s: AuditConfig, attacks: list[Attack], vdp=None,
                     on_victim: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
     """Run every image attack on the same digits victims and summarise them for the report.
 
@@ -58,7 +57,7 @@ def run_image_audit(cfg: Config, s: AuditSettings, attacks: list[Attack], vdp=No
     ----------
     cfg : Config
         ``peft.r``, ``peft.alpha``, ``train.lr`` and ``federation.seed`` are used.
-    s : AuditSettings
+    s : AuditConfig
         ``victims``, ``batch_size``, ``local_steps``.
     attacks : list of Attack
         Image attacks (:func:`is_image_attack`); their validated parameters
@@ -107,7 +106,7 @@ def run_image_audit(cfg: Config, s: AuditSettings, attacks: list[Attack], vdp=No
     }
 
 
-def _attack_all(cfg: Config, s: AuditSettings, attacks: list[Attack], vlora, upload, on_victim) -> tuple[dict, dict]:
+def _attack_all(cfg: Config, s: AuditConfig, attacks: list[Attack], vlora, upload, on_victim) -> tuple[dict, dict]:
     """Every attack on the same victims: ``(tables by attack, grid rows)``."""
     from fedpeft.audit.vision.experiment import run_image_attack
 
@@ -122,35 +121,35 @@ def _attack_all(cfg: Config, s: AuditSettings, attacks: list[Attack], vlora, upl
                                    local_steps=s.local_steps, client_lr=cfg.train.lr, global_state=GLOBAL_STATE, seed=seed,
                                    vlora=vlora, upload=upload, attack_seed=attack_seed,
                                    on_victim=(lambda v, name=attack.name: on_victim(name, v)) if on_victim else None, **params)
-        tables[attack.name] = _table(summary, label_prior, seed)
+        tables[attack.name] = _table(attack, summary, label_prior, seed)
         if "originals" not in grid:
             grid["originals"] = _grid_images(summary.originals)
         grid[attack.name] = _grid_images(summary.reconstructions)
     return tables, grid
 
 
-def _table(summary, label_prior: np.ndarray, seed: int) -> dict[str, Any]:
-    """PSNR, SSIM and label accuracy of one attack beside the prior-only baseline, with intervals over images."""
+def _table(attack: Attack, summary, label_prior: np.ndarray, seed: int) -> dict[str, Any]:
+    """The metrics ``attack`` declares beside the prior-only baseline, with intervals over images.
+
+    The image experiment measures PSNR, SSIM and label accuracy against the
+    original pixels and labels; an image attack that declares anything else
+    cannot be scored here.
+    """
     hits, base_hits = [], []
-    guess = _prior_labels(label_prior, summary.batch_size)
+    guess = prior_labels(label_prior, summary.batch_size)
     for true, recovered in zip(summary.labels, summary.recovered_labels):
         hits += _hits(recovered, true)
         base_hits += _hits(guess, true)
-    pairs = {"PSNR (dB)": (summary.psnr, summary.baseline_psnr), "SSIM": (summary.ssim, summary.baseline_ssim),
-             "label accuracy": (hits, base_hits)}
+    measured = {"PSNR (dB)": (summary.psnr, summary.baseline_psnr), "SSIM": (summary.ssim, summary.baseline_ssim),
+                "label accuracy": (hits, base_hits)}
+    unknown = [m.name for m in attack.metrics if m.name not in measured]
+    if unknown:
+        raise TypeError(f"image attack {attack.name!r} declares {unknown}; the image experiment measures {list(measured)}")
     return {
         "seconds_per_victim": summary.seconds_per_victim,
-        "metrics": {m: {"attack": bootstrap_ci(a, seed=seed).to_dict(), "baseline": bootstrap_ci(b, seed=seed).to_dict()}
-                    for m, (a, b) in pairs.items()},
+        "metrics": {m.name: {"attack": bootstrap_ci(measured[m.name][0], seed=seed).to_dict(),
+                             "baseline": bootstrap_ci(measured[m.name][1], seed=seed).to_dict()} for m in attack.metrics},
     }
-
-
-def _prior_labels(label_prior: np.ndarray, n: int) -> list[int]:
-    """The prior-only label guess for a batch of ``n``: the label prior's counts (the majority label for one)."""
-    if n == 1:
-        return [int(np.argmax(label_prior))]
-    counts = largest_remainder(n * label_prior, n)
-    return [c for c, k in enumerate(counts) for _ in range(k)]
 
 
 def _hits(predicted: list[int], true: list[int]) -> list[float]:

@@ -65,7 +65,7 @@ def load_sweep(path: Path, full: bool, extra: list[str], config: Path | None = N
     ConfigError
         One line naming the file and the key at fault.
     """
-    from fedpeft.audit.settings import parse_settings
+    from fedpeft.audit.attacks import build_attacks
     from fedpeft.validation import load_config
 
     try:
@@ -100,11 +100,11 @@ def load_sweep(path: Path, full: bool, extra: list[str], config: Path | None = N
                                                      f"audit.victims={n}")))
     for p in points:
         cfg = load_config(config, [*p.overrides, *extra])
-        parse_settings(cfg.audit)
+        build_attacks(cfg.audit)
         if cfg.dp.mode == "sample":
             from fedpeft.audit.dp import victim_dp
 
-            victim_dp(cfg.dp, cfg.audit.get("local_steps", 1), cfg.audit.get("batch_size", 1))
+            victim_dp(cfg.dp, cfg.audit.local_steps, cfg.audit.batch_size)
     return SweepSpec(str(sweep.get("name", Path(path).stem)), victims, axes, points, config)
 
 
@@ -121,7 +121,6 @@ def _toml(v: Any) -> str:
 def run_sweep(spec: SweepSpec, extra: list[str], on_point: Callable[[int, int, Point], None] | None = None) -> dict[str, Any]:
     """Run every point's audit (main experiment only) and collect the curves."""
     from fedpeft.audit.runner import run_audit
-    from fedpeft.audit.settings import parse_settings
     from fedpeft.validation import load_config
 
     t0 = time.perf_counter()
@@ -130,7 +129,7 @@ def run_sweep(spec: SweepSpec, extra: list[str], on_point: Callable[[int, int, P
         if on_point:
             on_point(i, len(spec.points), p)
         cfg = load_config(spec.config, [*p.overrides, *extra])
-        result = run_audit(cfg, parse_settings(cfg.audit))
+        result = run_audit(cfg)
         main = result["experiments"][0]
         rows.append({
             "axis": p.axis, "value": p.value, "overrides": list(p.overrides),

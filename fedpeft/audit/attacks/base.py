@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from fedpeft.audit.scoring import Metric, Pair, ScoreContext
 from fedpeft.errors import ConfigError
 
 
@@ -103,14 +104,38 @@ class AttackResult:
 class Attack:
     """Base class of every attack.
 
-    Subclasses set ``modalities`` and implement :meth:`run`; parameters come
+    Subclasses set ``modalities``, declare what they recover and the metrics
+    they report, and implement :meth:`run` and :meth:`score`; parameters come
     as keyword arguments from the attack's own ``[audit.<name>]`` table and
     are validated in ``__init__`` (raise ``ConfigError`` naming the key).
+
+    Attributes
+    ----------
+    name : str
+        Registry name (set by :func:`~fedpeft.audit.attacks.registry.register_attack`).
+    modalities : tuple of str
+        Models it attacks: ``"text"``, ``"image"``.
+    recovers : str
+        What it reconstructs, e.g. ``"labels"`` (``fedpeft attacks`` shows it).
+    observes : str
+        From what part of the payload, e.g. ``"the classifier's bias gradient"``.
+    summary : str
+        The method in a few words.
+    metrics : tuple of Metric
+        Every metric :meth:`score` returns, with its unit, direction and baseline.
+    study_metric : str
+        The declared metric that marks a study saturated when it reaches 0
+        (harder settings of that study are skipped) and that the report breaks
+        down by sentence length; "" = none.
     """
 
     name: ClassVar[str] = "attack"
     modalities: ClassVar[tuple[str, ...]] = ("text", "image")
+    recovers: ClassVar[str] = ""
+    observes: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    metrics: ClassVar[tuple[Metric, ...]] = ()
+    study_metric: ClassVar[str] = ""
 
     def __init__(self, **params: Any) -> None:
         if params:
@@ -126,6 +151,34 @@ class Attack:
         """Reconstruct what the payload reveals; ``prior`` is public side knowledge
         (e.g. token frequencies, label frequencies) the server may hold."""
         raise NotImplementedError
+
+    def score(self, result: AttackResult, ctx: ScoreContext) -> dict[str, Pair]:
+        """``metric -> (attack value, prior-only baseline value)`` of one victim, for the declared :attr:`metrics`.
+
+        ``ctx`` holds the victim's data and the server's prior; the scorers of
+        :mod:`fedpeft.audit.scoring` compute the built-in metrics. Image
+        attacks are scored by the image experiment against the original
+        pixels (:mod:`fedpeft.audit.image_audit`), not here.
+        """
+        raise NotImplementedError(f"attack {self.name!r} declares no score(); it cannot run on text victims")
+
+    def example(self, result: AttackResult, ctx: ScoreContext, victim: int) -> dict[str, Any] | None:
+        """A recovered-text example for the report (``victim``, ``text``, ``marked``, ``recovered``), or None."""
+        return None
+
+    @classmethod
+    def metric(cls, name: str) -> Metric | None:
+        """The declared metric ``name`` is (or belongs to), or None."""
+        return next((m for m in cls.metrics if m.matches(name)), None)
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line: what it recovers, from what, and how (``fedpeft attacks``)."""
+        what = f"{cls.recovers} from {cls.observes}" if cls.recovers and cls.observes else cls.recovers or cls.observes
+        parts = [p for p in (what, cls.summary) if p]
+        if not parts:  # a user attack that declares nothing: its docstring's first line
+            parts = [(cls.__doc__ or "").strip().splitlines()[0] if (cls.__doc__ or "").strip() else ""]
+        return "; ".join(parts)
 
 
 def checked_params(attack: str, params: Mapping[str, Any], defaults: Mapping[str, Any],

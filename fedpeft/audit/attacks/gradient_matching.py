@@ -1,20 +1,15 @@
-"""Optimisation-based gradient matching on the PEFT payload: Inverting Gradients and DLG.
+"""Gradient-matching machinery shared by the optimisation attacks (DLG, Inverting Gradients, embedding inversion).
 
 The attacker knows the frozen base and the global adapter it sent; it sees
 only the gradient (or multi-step update) of the *trainable* tensors, the LoRA
-factors and the head. It searches for inputs whose payload gradient matches
-the observed one:
+factors and the head. The attacks search for inputs whose payload gradient
+matches the observed one; this module holds what they share: the payload's
+tensors and their gradients, the victim's simulated upload, the labels read
+off the head's bias gradient (:func:`recover_labels`), the matching distances
+and the plumbing of the image attacks (:class:`ImageMatching`).
 
-- Inverting Gradients (Geiping et al. 2020): ``1 - cos(g(x'), g_obs) +
-  lambda * TV(x')``, Adam on signed gradients with step decay, pixels boxed to
-  [0, 1], several random restarts; the restart with the lowest matching loss
-  wins (the attacker cannot compare with the truth).
-- DLG (Zhu et al. 2019) with iDLG labels (Zhao et al. 2020): squared L2
-  gradient distance minimised with L-BFGS.
-
-Labels come from the head's bias gradient (:func:`recover_labels`). A
-multi-step update is used as a scaled gradient: the cosine objective ignores
-the scale, DLG needs ``(sent - uploaded) / (lr * steps)``.
+A multi-step update is used as a scaled gradient: the cosine objective
+ignores the scale, the L2 one needs ``(sent - uploaded) / (lr * steps)``.
 
 Payload tensors are keyed by their wire names (``lora_A/<module>``,
 ``lora_B/<module>``, ``extra/<name>``), the same keys the server receives.
@@ -22,7 +17,6 @@ Payload tensors are keyed by their wire names (``lora_A/<module>``,
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -30,7 +24,7 @@ import torch
 from torch import nn
 
 from fedpeft.audit.attacks.base import Attack, AttackResult, Observation, checked_params, wire_key
-from fedpeft.audit.attacks.registry import register_attack
+from fedpeft.audit.scoring import IMAGE_METRICS
 
 LossFn = Callable[[nn.Module], torch.Tensor]
 
@@ -112,7 +106,8 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
-def _cosine_distance(g: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def cosine_distance(g: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``1 - cos`` between two payload gradients, over all their tensors at once."""
     # One cosine over the concatenation of every payload tensor (breaching's
     # choice): tensors with large gradients weigh more, as they do on the wire.
     dot = sum((g[k] * target[k]).sum() for k in target)
@@ -121,125 +116,29 @@ def _cosine_distance(g: Mapping[str, torch.Tensor], target: Mapping[str, torch.T
     return 1.0 - dot / (gn.sqrt() * tn.sqrt() + 1e-12)
 
 
-def _l2_distance(g: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def l2_distance(g: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Squared L2 distance between two payload gradients, summed over their tensors."""
     return sum((g[k] - target[k]).pow(2).sum() for k in target)
 
 
-def _as_tensors(observed: Mapping[str, object]) -> dict[str, torch.Tensor]:
+def as_tensors(observed: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """An observed payload (arrays by wire key) as float32 tensors."""
     return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in observed.items()}
 
 
-def _image_loss(model: nn.Module, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def image_loss(model: nn.Module, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The victim's loss as a function of candidate images: cross-entropy on the known labels."""
     return lambda x: nn.functional.cross_entropy(model(x), labels)
 
 
-def invert_gradients(model: nn.Module, observed: Mapping[str, object], labels, shape: tuple[int, ...], *,
-                     iterations: int = 1000, lr: float = 0.1, tv: float = 1e-4, restarts: int = 1, seed: int = 0,
-                     bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, dict[str, float]]:
-    """Inverting Gradients: find images whose payload gradient points where the observed one does.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The peft model with the global state the server sent (eval mode).
-    observed : mapping of str to array
-        Observed payload gradient (or update read as a scaled gradient), by wire key.
-    labels : sequence of int
-        The batch's labels (from :func:`recover_labels`).
-    shape : tuple of int
-        ``(C, H, W)`` of one image.
-    iterations, lr, tv, restarts, seed
-        Adam steps per restart, its step size, the TV weight, the number of
-        random starts, and their seed.
-    bounds : (float, float)
-        Pixel range; the iterate is clamped to it after every step.
-
-    Returns
-    -------
-    (torch.Tensor, dict)
-        ``(B, C, H, W)`` reconstructions and diagnostics (``match_loss`` of the
-        chosen restart, ``seconds``).
-    """
-    start = time.perf_counter()
-    target = _as_tensors(observed)
-    labels = torch.as_tensor(list(labels), dtype=torch.long)
-    loss_of = _image_loss(model, labels)
-    gen = torch.Generator().manual_seed(seed)
-    best, best_loss = None, float("inf")
-    milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-    for _ in range(restarts):
-        x = torch.rand((len(labels), *shape), generator=gen).mul_(bounds[1] - bounds[0]).add_(bounds[0])
-        x.requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=lr)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-        for _ in range(iterations):
-            opt.zero_grad()
-            g = payload_gradients(model, loss_of(x), create_graph=True)
-            objective = _cosine_distance(g, target) + tv * total_variation(x)
-            (grad_x,) = torch.autograd.grad(objective, [x])
-            x.grad = grad_x.sign()  # signed gradients, as in Geiping et al.
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                x.clamp_(*bounds)
-        g = payload_gradients(model, loss_of(x), create_graph=False)
-        final = float((_cosine_distance(g, target) + tv * total_variation(x)).detach())
-        if final < best_loss:
-            best, best_loss = x.detach().clone(), final
-    return best, {"match_loss": best_loss, "seconds": time.perf_counter() - start}
-
-
-def deep_leakage(model: nn.Module, observed: Mapping[str, object], labels, shape: tuple[int, ...], *,
-                 iterations: int = 20, restarts: int = 1, seed: int = 0,
-                 bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, dict[str, float]]:
-    """DLG with known (recovered) labels: L-BFGS on the squared L2 gradient distance.
-
-    ``observed`` must be on the gradient's scale (a multi-step update divided
-    by ``lr * steps``). ``iterations`` counts L-BFGS outer steps (each up to
-    20 function evaluations). Returns ``(images, diagnostics)`` like
-    :func:`invert_gradients`; the result is clamped to ``bounds``.
-    """
-    start = time.perf_counter()
-    target = _as_tensors(observed)
-    labels = torch.as_tensor(list(labels), dtype=torch.long)
-    loss_of = _image_loss(model, labels)
-    # The payload gradient is small; normalising by its size keeps L-BFGS's
-    # line search in a sane range without changing the minimiser.
-    scale = 1.0 / (float(sum(t.pow(2).sum() for t in target.values())) + 1e-30)
-    gen = torch.Generator().manual_seed(seed)
-    best, best_loss = None, float("inf")
-    for _ in range(restarts):
-        x = torch.rand((len(labels), *shape), generator=gen).mul_(bounds[1] - bounds[0]).add_(bounds[0])
-        x.requires_grad_(True)
-        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=20, history_size=100, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            g = payload_gradients(model, loss_of(x), create_graph=True)
-            d = scale * _l2_distance(g, target)
-            (x.grad,) = torch.autograd.grad(d, [x])
-            return d
-
-        for _ in range(iterations):
-            d = opt.step(closure)
-            if not torch.isfinite(d):
-                break
-        with torch.no_grad():
-            x.clamp_(*bounds)
-        g = payload_gradients(model, loss_of(x), create_graph=False)
-        final = float(scale * _l2_distance(g, target))
-        if final < best_loss or best is None:
-            best, best_loss = x.detach().clone(), final
-    return best, {"match_loss": best_loss, "seconds": time.perf_counter() - start}
-
-
-def _torch_model(obs: Observation) -> nn.Module:
+def torch_model(obs: Observation) -> nn.Module:
+    """The torch module inside the observation's model."""
     # A ResidentModel or VisionLoRA wraps the peft model in ``.model``.
     model = obs.model
     return model.model if not isinstance(model, nn.Module) and hasattr(model, "model") else model
 
 
-def _observed_payload(obs: Observation, model: nn.Module) -> dict[str, np.ndarray]:
+def observed_payload(obs: Observation, model: nn.Module) -> dict[str, np.ndarray]:
     """The observation's gradients restricted to the model's trainable tensors (all must be there)."""
     keys = list(trainable_tensors(model))
     missing = [k for k in keys if k not in obs.gradients]
@@ -248,11 +147,14 @@ def _observed_payload(obs: Observation, model: nn.Module) -> dict[str, np.ndarra
     return {k: obs.gradients[k] for k in keys}
 
 
-class _ImageMatching(Attack):
+class ImageMatching(Attack):
     """Shared plumbing of the image gradient-matching attacks: labels, shape, result."""
 
     modalities = ("image",)
-    _function: Callable = staticmethod(invert_gradients)
+    recovers = "the victim's images and labels"
+    observes = "the LoRA and head gradients"
+    metrics = IMAGE_METRICS
+    _function: Callable  # the attack function: (model, observed, labels, shape, **params) -> (images, diagnostics)
     _defaults: dict[str, Any] = {}
 
     def __init__(self, **params: Any) -> None:
@@ -265,26 +167,8 @@ class _ImageMatching(Attack):
         return reason
 
     def run(self, obs: Observation, prior: Mapping[str, Any] | None = None) -> AttackResult:
-        model = _torch_model(obs)
-        observed = _observed_payload(obs, model)
+        model = torch_model(obs)
+        observed = observed_payload(obs, model)
         labels = recover_labels(observed[head_bias_key(observed, obs.num_labels)], obs.batch_size)
         images, diagnostics = type(self)._function(model, observed, labels, tuple(obs.extra["image_shape"]), **self.params)
         return AttackResult(self.name, {"images": images.numpy(), "labels": labels}, diagnostics)
-
-
-@register_attack("inverting-gradients")
-class InvertingGradients(_ImageMatching):
-    """Registered wrapper of :func:`invert_gradients` (parameters: its keyword arguments)."""
-
-    summary = "Inverting Gradients: cosine gradient matching + TV prior, Adam with restarts (images)"
-    _function = staticmethod(invert_gradients)
-    _defaults = {"iterations": 1000, "lr": 0.1, "tv": 1e-4, "restarts": 1, "seed": 0}
-
-
-@register_attack("dlg")
-class DeepLeakage(_ImageMatching):
-    """Registered wrapper of :func:`deep_leakage` (parameters: its keyword arguments)."""
-
-    summary = "DLG: L2 gradient matching with L-BFGS, labels from the head bias (images)"
-    _function = staticmethod(deep_leakage)
-    _defaults = {"iterations": 20, "restarts": 1, "seed": 0}

@@ -15,6 +15,7 @@ import numpy as np
 
 from fedpeft.audit.attacks.base import Attack, AttackResult, Observation
 from fedpeft.audit.attacks.registry import register_attack
+from fedpeft.audit.scoring import LABEL_METRICS, Pair, ScoreContext, label_scores
 from fedpeft.errors import ConfigError
 
 
@@ -23,7 +24,10 @@ class LabelRecovery(Attack):
     """Recover the labels (a multiset for batches) from the classifier bias gradient."""
 
     modalities = ("text", "image")
-    summary = "labels from the sign / negative mass of the classifier's bias gradient (iDLG)"
+    recovers = "labels"
+    observes = "the classifier's bias gradient"
+    summary = "iDLG: its negative entries (one example), its negative mass against the prior's mean prediction (batches)"
+    metrics = LABEL_METRICS
 
     def __init__(self, bias_key: str = "", **params: Any) -> None:
         super().__init__(**params)
@@ -56,6 +60,9 @@ class LabelRecovery(Attack):
             counts = largest_remainder(n * mean_pred - n * grad, n)
             labels = [int(c) for c, k in enumerate(counts) for _ in range(k)]
         return AttackResult(self.name, {"labels": labels}, {"negative_entries": float((grad < 0).sum())})
+
+    def score(self, result: AttackResult, ctx: ScoreContext) -> dict[str, Pair]:
+        return label_scores(result.reconstruction["labels"], ctx)
 
 
 def largest_remainder(estimate: np.ndarray, total: int) -> np.ndarray:

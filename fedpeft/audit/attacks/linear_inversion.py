@@ -17,6 +17,7 @@ import numpy as np
 
 from fedpeft.audit.attacks.base import Attack, AttackResult, Observation
 from fedpeft.audit.attacks.registry import register_attack
+from fedpeft.audit.scoring import FEATURE_METRICS, Pair, ScoreContext, feature_scores
 
 
 def invert_linear(weight_grad: np.ndarray, bias_grad: np.ndarray) -> np.ndarray:
@@ -33,7 +34,10 @@ class LinearInversion(Attack):
     """Recover the input of every uploaded linear layer that has a bias (the trained head)."""
 
     modalities = ("text", "image")
-    summary = "input of each trained linear layer from its weight and bias gradients (exact at batch 1)"
+    recovers = "the input of each trained linear layer with a bias (the head)"
+    observes = "its weight and bias gradients"
+    summary = "x = dW^T db / |db|^2, exact at batch 1"
+    metrics = FEATURE_METRICS
 
     def layers(self, obs: Observation) -> list[str]:
         """Wire names (``extra/<layer>``) of layers with both weight and bias gradients."""
@@ -57,3 +61,6 @@ class LinearInversion(Attack):
             name = layer.split("/", 1)[1]
             features[name] = invert_linear(obs.gradients[layer + ".weight"], obs.gradients[layer + ".bias"])
         return AttackResult(self.name, {"features": features}, {"layers": float(len(features))})
+
+    def score(self, result: AttackResult, ctx: ScoreContext) -> dict[str, Pair]:
+        return feature_scores(result.reconstruction["features"], ctx)

@@ -35,6 +35,7 @@ import torch
 
 from fedpeft.audit.attacks.base import Attack, AttackResult, Observation
 from fedpeft.audit.attacks.registry import register_attack
+from fedpeft.audit.scoring import TOKEN_METRICS, Pair, ScoreContext, token_example, token_scores
 from fedpeft.errors import ConfigError
 from fedpeft.models.lora import PREFIX
 
@@ -119,7 +120,11 @@ class LoRASpan(Attack):
     """Token recovery from the span of first-layer LoRA gradients (text, BERT-style inputs)."""
 
     modalities = ("text",)
-    summary = "tokens whose first-layer input lies in the span of the LoRA factor gradients (DAGER-style, exact for LoRA)"
+    recovers = "the batch's tokens"
+    observes = "the first layer's LoRA factor gradients"
+    summary = "DAGER-style: tokens whose first-layer input lies in their span (exact for LoRA)"
+    metrics = TOKEN_METRICS
+    study_metric = "token recall"
 
     def __init__(self, tol: float = 1e-3, rank_tol: float = 1e-5, chunk: int = 8, **params: Any) -> None:
         super().__init__(**params)
@@ -226,3 +231,10 @@ class LoRASpan(Attack):
                 scores.append(float(res[p, v]))
         diagnostics.update(positions=float(positions), passing_pairs=float((res < self.tol).sum()), seconds=time.perf_counter() - t0)
         return AttackResult(self.name, {"tokens": tokens, "positions": where, "residuals": scores}, diagnostics)
+
+    def score(self, result: AttackResult, ctx: ScoreContext) -> dict[str, Pair]:
+        rec = result.reconstruction
+        return token_scores(rec["tokens"], ctx, rec.get("positions"))
+
+    def example(self, result: AttackResult, ctx: ScoreContext, victim: int) -> dict[str, Any]:
+        return token_example(result.reconstruction["tokens"], ctx, victim)

@@ -18,13 +18,9 @@ import torch
 from torch import nn
 
 from fedpeft.audit import image_metrics
-from fedpeft.audit.attacks.gradient_matching import (
-    client_upload,
-    deep_leakage,
-    head_bias_key,
-    invert_gradients,
-    recover_labels,
-)
+from fedpeft.audit.attacks.dlg import deep_leakage
+from fedpeft.audit.attacks.gradient_matching import client_upload, head_bias_key, recover_labels
+from fedpeft.audit.attacks.inverting_gradients import invert_gradients
 from fedpeft.audit.metrics import Interval, bootstrap_ci
 from fedpeft.audit.vision.model import VisionLoRA, advance_global_state, lora_cnn
 

@@ -25,14 +25,23 @@ import torch
 
 from fedpeft.audit.attacks.base import Attack, AttackResult, Observation, checked_params
 from fedpeft.audit.attacks.gradient_matching import (
-    _as_tensors,
-    _cosine_distance,
+    as_tensors,
+    cosine_distance,
     head_bias_key,
     payload_gradients,
     recover_labels,
     trainable_tensors,
 )
 from fedpeft.audit.attacks.registry import register_attack
+from fedpeft.audit.scoring import (
+    LABEL_METRICS,
+    TOKEN_METRICS,
+    Pair,
+    ScoreContext,
+    label_scores,
+    token_example,
+    token_scores,
+)
 
 
 def candidate_token_mask(tokenizer) -> torch.Tensor:
@@ -96,7 +105,7 @@ def invert_text_embeddings(model, tokenizer, observed: Mapping[str, object], lab
     if num_tokens < 3:
         raise ValueError("num_tokens counts [CLS] and [SEP]; it must be at least 3")
     start = time.perf_counter()
-    target = _as_tensors(observed)
+    target = as_tensors(observed)
     table = model.get_input_embeddings().weight.detach()
     allowed = candidate_token_mask(tokenizer)
     cls = table[tokenizer.cls_token_id][None]
@@ -109,7 +118,7 @@ def invert_text_embeddings(model, tokenizer, observed: Mapping[str, object], lab
     def match_loss(z: torch.Tensor, create_graph: bool) -> torch.Tensor:
         embeds = torch.cat([cls, z, sep])[None]
         loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-        return _cosine_distance(payload_gradients(model, loss, create_graph=create_graph), target)
+        return cosine_distance(payload_gradients(model, loss, create_graph=create_graph), target)
 
     def token_loss(ids: list[int]) -> float:
         return float(match_loss(table[ids], False).detach())
@@ -228,7 +237,10 @@ class EmbeddingInversion(Attack):
     """
 
     modalities = ("text",)
-    summary = "TAG-style: optimise input embeddings against the LoRA+head gradient, project to tokens (text, batch 1)"
+    recovers = "one sentence's tokens and its label"
+    observes = "the LoRA and head gradients"
+    summary = "TAG-style: optimise input embeddings to match them, project to tokens (batch 1)"
+    metrics = LABEL_METRICS + TOKEN_METRICS
     _defaults = {"iterations": 100, "lr": 0.05, "restarts": 1, "seed": 0, "candidates": 5, "sweeps": 1, "prior_tokens": 10}
 
     def __init__(self, **params: Any) -> None:
@@ -255,3 +267,10 @@ class EmbeddingInversion(Attack):
         diagnostics.update(num_tokens=float(num_tokens), length_exact=float(exact))
         reconstruction = {"tokens": tokens, "text": tokenizer.decode(tokens), "labels": [label]}
         return AttackResult(self.name, reconstruction, diagnostics)
+
+    def score(self, result: AttackResult, ctx: ScoreContext) -> dict[str, Pair]:
+        rec = result.reconstruction
+        return {**label_scores(rec["labels"], ctx), **token_scores(rec["tokens"], ctx)}
+
+    def example(self, result: AttackResult, ctx: ScoreContext, victim: int) -> dict[str, Any]:
+        return token_example(result.reconstruction["tokens"], ctx, victim)
