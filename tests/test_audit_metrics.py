@@ -3,6 +3,8 @@ settings validation, and the analytic attacks on a small torch head."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -92,8 +94,11 @@ def test_attacks_say_why_they_do_not_apply():
     assert "no classifier bias" in get_attack("label-recovery")().applicable(obs)
 
 
-def test_registry_registers_and_names_valid_attacks():
+def test_registry_registers_and_names_valid_attacks(monkeypatch):
     assert {"label-recovery", "linear-inversion", "lora-span"} <= set(available_attacks())
+    # The registration below must not outlive this test (other tests list the attacks).
+    registry = sys.modules[register_attack.__module__]
+    monkeypatch.setattr(registry, "_ATTACKS", dict(registry._ATTACKS))
 
     @register_attack("test-constant")
     class Constant(Attack):
@@ -105,6 +110,8 @@ def test_registry_registers_and_names_valid_attacks():
         register_attack("test-constant")(type("Other", (Attack,), {}))
     with pytest.raises(ConfigError, match="audit.attacks: 'nope' is not an attack; choose from: .*lora-span"):
         get_attack("nope")
+    monkeypatch.undo()
+    assert "test-constant" not in available_attacks()
 
 
 @pytest.mark.parametrize(
