@@ -52,10 +52,12 @@ TINY_FEDERATION = (
 )
 
 
-def run_fedpeft(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_fedpeft(*args: str, cwd: Path, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``fedpeft ARGS...`` in ``cwd``; stdout and stderr without ANSI colour codes.
 
     A wide terminal keeps rich from wrapping the one-line errors the tests read.
+    The generous timeout is only a last line of defence against a hang: on the
+    shared 2-core machine a command of 10 s of CPU can take minutes of wall time.
     """
     full_env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run([*FEDPEFT_COMMAND, *args], cwd=cwd, env=full_env, capture_output=True, text=True,

@@ -67,6 +67,9 @@ def test_bytes_are_the_adapter_payload_both_ways(small_run, read_run):
         assert m["bytes_up"] == m["bytes_down"] == 3 * per_client
     assert summary["bytes_up"] == sum(m["bytes_up"] for m in metrics)
     assert summary["full_finetune_bytes_per_round"] == 2 * 3 * 4 * summary["total_params"]
+    # The README's count for the default model (MiniLM, LoRA r=8 on query/value, BERT's head).
+    assert summary["trainable_params"] == 222_338
+    assert f"{100 * summary['trainable_params'] / summary['total_params']:.2f}%" == "0.98%"
 
 
 def test_exported_adapter_reproduces_the_reported_accuracy(small_run, read_run):
@@ -111,6 +114,7 @@ def test_smollm2_federation_perplexity_falls(tmp_path, fedpeft_run, read_run):
 
 
 @pytest.mark.slow
+@pytest.mark.ci  # README: "Without DP, seeds make a CPU run bit-for-bit repeatable"
 def test_same_seed_gives_bit_identical_runs(tmp_path, fedpeft_run, read_run):
     runs = []
     for name in ("a", "b"):
