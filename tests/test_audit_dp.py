@@ -32,9 +32,7 @@ def pick(table: dict, attack: str, metric: str) -> tuple[dict, dict]:
     return m["attack"], m["baseline"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_strong_dp_brings_every_attack_to_its_baseline():

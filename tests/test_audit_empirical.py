@@ -21,9 +21,7 @@ from fedpeft.audit.empirical import (
 TRIALS = 600
 
 
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_clopper_pearson_upper_bound():

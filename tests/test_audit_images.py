@@ -18,9 +18,7 @@ from fedpeft.errors import ConfigError
 FAST = ["audit.empirical=false", "audit.victims=6", "audit.inverting-gradients={iterations=30}"]  # DLG at its default 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def audit(overrides: list[str]) -> dict:
@@ -29,7 +27,7 @@ def audit(overrides: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def result() -> dict:
+def result(one_torch_thread) -> dict:
     # Two restarts: with one, a single unlucky start of six victims pulls the bootstrap interval to the prior.
     return audit(["audit.attacks=['dlg','inverting-gradients']", "audit.dlg={restarts=2}"])
 

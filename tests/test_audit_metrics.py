@@ -4,6 +4,7 @@ settings validation, and the analytic attacks on a small torch head."""
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -111,10 +112,10 @@ def test_attacks_say_why_they_do_not_apply():
 
 
 def test_registry_registers_and_names_valid_attacks(monkeypatch):
-    from fedpeft.audit.attacks import registry
-
-    monkeypatch.setattr(registry, "_ATTACKS", dict(registry._ATTACKS))  # the test attack leaves with the test
     assert {"label-recovery", "linear-inversion", "lora-span"} <= set(available_attacks())
+    # The registration below must not outlive this test (other tests list the attacks).
+    registry = sys.modules[register_attack.__module__]
+    monkeypatch.setattr(registry, "_ATTACKS", dict(registry._ATTACKS))
 
     @register_attack("test-constant")
     class Constant(Attack):
@@ -126,6 +127,8 @@ def test_registry_registers_and_names_valid_attacks(monkeypatch):
         register_attack("test-constant")(type("Other", (Attack,), {}))
     with pytest.raises(ConfigError, match="audit.attacks: 'nope' is not an attack; choose from: .*lora-span"):
         get_attack("nope")
+    monkeypatch.undo()
+    assert "test-constant" not in available_attacks()
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,7 @@ R = 16
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.set_num_threads(2)
+def setup(two_torch_threads):
     cfg = load_config(None, ["model.dropout=0", f"peft.r={R}"])
     model = load_resident_model(resident_spec(cfg, 2))
     data = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction)

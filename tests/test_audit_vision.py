@@ -11,11 +11,11 @@ from fedpeft.audit.attacks.gradient_matching import client_upload, trainable_ten
 from fedpeft.audit.vision import data as vdata
 from fedpeft.audit.vision.model import DigitCNN, advance_global_state, cache_root, lora_cnn, pretrained_base
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, one_torch_thread):
     # A private cache folder: the test trains the base once and sees the file appear.
     path = tmp_path_factory.mktemp("fedpeft-cache")
     mp = pytest.MonkeyPatch()

@@ -8,20 +8,10 @@ each subprocess takes well under a second.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-_SCRIPT = Path(sys.executable).with_name("fedpeft")
-COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "fedpeft.cli"]
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
 # If a regression let a "failing" run through, keep it tiny rather than a
-# default federation (the timeout below is the last line of defence).
+# default federation (the subprocess timeout is the last line of defence).
 TINY = [
     "--set", "federation.num_clients=1",
     "--set", "federation.num_rounds=1",
@@ -29,28 +19,6 @@ TINY = [
     "--set", "data.max_test_examples=4",
     "--set", "train.local_steps=1",
 ]
-
-
-def fedpeft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [*COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
-    proc.stdout, proc.stderr = ANSI.sub("", proc.stdout), ANSI.sub("", proc.stderr)
-    return proc
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *named: str) -> str:
-    both = proc.stdout + proc.stderr
-    assert "Traceback" not in both, both
-    assert proc.returncode == 2, both
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
-    line = lines[0]
-    assert line.startswith("error:"), line
-    for text in named:
-        assert text in line, f"{text!r} not in {line!r}"
-    return line
 
 
 @pytest.mark.parametrize(
@@ -77,9 +45,9 @@ def assert_user_error(proc: subprocess.CompletedProcess, *named: str) -> str:
                      ["federation.client_eval", "without noise"], id="dp-client-eval"),
     ],
 )
-def test_run_rejects_bad_config(tmp_path, args, named):
+def test_run_rejects_bad_config(tmp_path, args, named, fedpeft_cli, assert_user_error):
     out = tmp_path / "out"
-    proc = fedpeft("run", *args, "--out", str(out), cwd=tmp_path)
+    proc = fedpeft_cli("run", *args, "--out", str(out), cwd=tmp_path)
     assert_user_error(proc, *named)
     assert not out.exists(), "the run folder was created before failing"
     assert not (tmp_path / "runs").exists()
@@ -103,26 +71,26 @@ def test_run_rejects_bad_config(tmp_path, args, named):
                      ["dp.secret_file", "cannot be read"], id="dp-missing-secret-file"),
     ],
 )
-def test_run_rejects_dp_settings_it_cannot_honour(tmp_path, args, named):
+def test_run_rejects_dp_settings_it_cannot_honour(tmp_path, args, named, fedpeft_cli, assert_user_error):
     out = tmp_path / "out"
-    proc = fedpeft("run", *TINY, *args, "--out", str(out), cwd=tmp_path)
+    proc = fedpeft_cli("run", *TINY, *args, "--out", str(out), cwd=tmp_path)
     assert_user_error(proc, *named)
     assert not out.exists(), "the run folder was created before failing"
 
 
-def test_run_rejects_busy_out_folder(tmp_path):
+def test_run_rejects_busy_out_folder(tmp_path, fedpeft_cli, assert_user_error):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    proc = fedpeft("run", *TINY, "--out", str(busy), cwd=tmp_path)
+    proc = fedpeft_cli("run", *TINY, "--out", str(busy), cwd=tmp_path)
     assert_user_error(proc, "--out", str(busy))
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
     assert (busy / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "runs").exists()
 
 
-def test_strategies_lists_fedit(tmp_path):
-    proc = fedpeft("strategies", cwd=tmp_path)
+def test_strategies_lists_fedit(tmp_path, fedpeft_cli):
+    proc = fedpeft_cli("strategies", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -133,8 +101,8 @@ def test_strategies_lists_fedit(tmp_path):
         assert name and summary.strip(), line
 
 
-def test_help(tmp_path):
-    proc = fedpeft("--help", cwd=tmp_path)
+def test_help(tmp_path, fedpeft_cli):
+    proc = fedpeft_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "run" in proc.stdout and "strategies" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr

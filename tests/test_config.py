@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedpeft.config import DEFAULT_CONFIG, Config, field_help, parse_override
@@ -332,8 +333,15 @@ def test_client_ranks_round_robin_and_seeded_draw():
     cfg = load_config(None, ["peft.client_ranks=[4, 8, 16]", "strategy.name=flora", "federation.num_clients=5"])
     assert client_ranks(cfg) == {0: 4, 1: 8, 2: 16, 3: 4, 4: 8}
     assert max_rank(cfg) == 16
-    drawn = load_config(None, ["peft.client_ranks=[4, 8, 16]", "strategy.name=flora", "peft.rank_assignment=random"])
-    assert client_ranks(drawn) == client_ranks(drawn) and set(client_ranks(drawn).values()) <= {4, 8, 16}
+    drawn = ["peft.client_ranks=[4, 8, 16]", "strategy.name=flora", "peft.rank_assignment=random"]
+    # Pinned: the draw of seed 0 fixes every published heterogeneous-rank result.
+    pinned = {0: 8, 1: 16, 2: 16, 3: 16, 4: 4, 5: 4, 6: 16, 7: 8, 8: 16, 9: 4}
+    assert client_ranks(load_config(None, drawn)) == pinned
+    assert client_ranks(load_config(None, drawn + ["federation.seed=1"])) != pinned, "the seed must move the draw"
+    # Uniform over the list: each rank goes to about a third of many clients.
+    shares = np.bincount(list(client_ranks(load_config(None, drawn + ["federation.num_clients=3000"])).values()))
+    assert shares[[4, 8, 16]].sum() == 3000
+    np.testing.assert_allclose(shares[[4, 8, 16]] / 3000, 1 / 3, atol=0.03)
     assert client_ranks(load_config()) == {c: 8 for c in range(10)}
 
 

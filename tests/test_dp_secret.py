@@ -182,11 +182,11 @@ def test_spend_is_recorded_for_rejected_and_lost_replies():
         assert flower.dp_epsilon[c] == pytest.approx(rt.dp_plan.epsilon_after(c, steps))
 
 
-def test_the_replaying_audit_catches_public_randomness_and_passes_secret_randomness(monkeypatch):
+def test_the_replaying_audit_catches_public_randomness_and_passes_secret_randomness(monkeypatch, torch_threads):
     from fedpeft.audit.client_path import client_path_audit
     from fedpeft.audit.empirical import client_level_audit
 
-    torch.set_num_threads(1)
+    torch_threads(1)
     honest_client = client_path_audit(4.0, 1.0, trials=300, seed=1)
     honest_server = client_level_audit(4.0, 1.0, num_clients=10, clients_per_round=5, trials=300, dim=256, seed=1)
     for audit in (honest_client, honest_server):

@@ -20,6 +20,19 @@ def rt():
     return runtime(load_config(None, ["model.dropout=0.0", "peft.r=4", "data.max_test_examples=64"]))
 
 
+@pytest.fixture(autouse=True)
+def restore_resident(rt):
+    """The module's resident model is shared: after each test, whatever it set or
+    left behind (payload, gradients, train mode), the next test starts from the
+    initial adapter in eval mode."""
+    try:
+        yield
+    finally:
+        rt.model.set_payload(rt.model.initial)
+        rt.model.model.zero_grad(set_to_none=True)
+        rt.model.model.eval()
+
+
 def _reference_grads(model, split, idx, task):
     """Each example's gradient, computed alone: the ground truth opacus must match."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,3 +148,29 @@ def test_sgd_optimizer_takes_exactly_minus_lr_times_the_gradient(rt, private):
     for p, b, g in zip(params, before, want):
         torch.testing.assert_close(p.detach() - b, -0.1 * g, rtol=1e-3, atol=1e-7)
     rt.model.set_payload(rt.model.initial)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 2.0])
+def test_an_empty_poisson_draw_still_takes_a_noise_only_step_of_the_right_scale(rt, sigma):
+    """A rate so small that every draw is empty: each step must still count and add
+    N(0, (sigma C / B)^2) to every trainable coordinate's gradient (skipping it would
+    tell the server the batch was empty, which depends on whose records are there).
+    With plain SGD the weights move by exactly -lr times that noise: nothing at sigma 0,
+    lr sigma C sqrt(steps) / B per coordinate at sigma 2."""
+    split, _ = rt.splits
+    before = {k: v.copy() for k, v in rt.model.payload().arrays().items()}
+    steps, batch_size, clip, lr = 4, 8, 0.5, 0.1
+    metrics = train_steps(rt.model.model, split, rt.shards[0][:64], task=rt.model.task, steps=steps,
+                          batch_size=batch_size, lr=lr, weight_decay=0.0, seed=0, dp=DPSGD(sigma, clip, 1e-12),
+                          optimizer="sgd")
+    assert metrics["steps"] == steps and metrics["mean_batch_size"] == 0.0
+    assert np.isnan(metrics["train_loss"])  # no example was seen: there is no loss to report
+    after = rt.model.payload().arrays()
+    moved = np.concatenate([(after[k] - before[k]).ravel() for k in before]).astype(np.float64)
+    assert moved.size == rt.model.trainable_params
+    if sigma == 0.0:
+        assert np.all(moved == 0.0)
+    else:
+        assert np.all(moved != 0.0), "a trainable coordinate got no noise"
+        assert moved.mean() == pytest.approx(0.0, abs=5 * moved.std() / np.sqrt(moved.size))
+        assert moved.std() == pytest.approx(lr * sigma * clip * np.sqrt(steps) / batch_size, rel=0.02)

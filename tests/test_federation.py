@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -26,31 +20,30 @@ SUMMARY_KEYS = {
 }
 
 
-def fedpeft_run(out: Path, overrides: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fedpeft.cli", "run", "--out", str(out)]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = {**os.environ, "COLUMNS": "200"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+@pytest.fixture(scope="session")
+def fedpeft_run(fedpeft_cli):
+    """``fedpeft run --out OUT --set ...`` through the console script; fails the test unless it succeeds."""
 
+    def run(out, overrides: list[str], timeout: int = 900):
+        args = ["run", "--out", str(out)]
+        for o in overrides:
+            args += ["--set", o]
+        result = fedpeft_cli(*args, cwd=out.parent, timeout=timeout, env={"COLUMNS": "200"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
 
-def read_run(out: Path) -> tuple[dict, list[dict]]:
-    summary = json.loads((out / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return summary, metrics
+    return run
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory) -> Path:
+def small_run(tmp_path_factory, fedpeft_run):
     out = tmp_path_factory.mktemp("e2e") / "run"
     result = fedpeft_run(out, SMALL)
     assert f"run folder: {out}" in result.stdout
     return out
 
 
-def test_training_beats_round_zero_and_every_file_exists(small_run):
+def test_training_beats_round_zero_and_every_file_exists(small_run, read_run):
     summary, metrics = read_run(small_run)
     assert SUMMARY_KEYS <= summary.keys()
     assert [m["round"] for m in metrics] == [0, 1, 2]
@@ -64,7 +57,7 @@ def test_training_beats_round_zero_and_every_file_exists(small_run):
     assert f"{100 * summary['final_accuracy']:.2f}%" in (small_run / "report.md").read_text()
 
 
-def test_bytes_are_the_adapter_payload_both_ways(small_run):
+def test_bytes_are_the_adapter_payload_both_ways(small_run, read_run):
     summary, metrics = read_run(small_run)
     per_client = 4 * summary["trainable_params"]  # float32, fedit sends A, B and the head both ways
     for m in metrics[1:]:
@@ -74,9 +67,12 @@ def test_bytes_are_the_adapter_payload_both_ways(small_run):
         assert m["bytes_up"] == m["bytes_down"] == 3 * per_client
     assert summary["bytes_up"] == sum(m["bytes_up"] for m in metrics)
     assert summary["full_finetune_bytes_per_round"] == 2 * 3 * 4 * summary["total_params"]
+    # The README's count for the default model (MiniLM, LoRA r=8 on query/value, BERT's head).
+    assert summary["trainable_params"] == 222_338
+    assert f"{100 * summary['trainable_params'] / summary['total_params']:.2f}%" == "0.98%"
 
 
-def test_exported_adapter_reproduces_the_reported_accuracy(small_run):
+def test_exported_adapter_reproduces_the_reported_accuracy(small_run, read_run):
     """Loading adapter/ with plain peft on a fresh base gives fedpeft's final accuracy."""
     import torch
     from peft import PeftModel
@@ -104,7 +100,7 @@ def test_exported_adapter_reproduces_the_reported_accuracy(small_run):
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_smollm2_federation_perplexity_falls(tmp_path):
+def test_smollm2_federation_perplexity_falls(tmp_path, fedpeft_run, read_run):
     out = tmp_path / "lm"
     fedpeft_run(out, [
         "model.name=smollm2", "federation.num_clients=2", "federation.num_rounds=2", "train.local_steps=4",
@@ -118,7 +114,8 @@ def test_smollm2_federation_perplexity_falls(tmp_path):
 
 
 @pytest.mark.slow
-def test_same_seed_gives_bit_identical_runs(tmp_path):
+@pytest.mark.ci  # README: "Without DP, seeds make a CPU run bit-for-bit repeatable"
+def test_same_seed_gives_bit_identical_runs(tmp_path, fedpeft_run, read_run):
     runs = []
     for name in ("a", "b"):
         fedpeft_run(tmp_path / name, SMALL + ["federation.num_rounds=1"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,19 @@ from strategies import LoRAFactors, Payload
 @pytest.fixture(scope="module")
 def rt():
     return runtime(load_config(None, ["data.max_test_examples=64"]))
+
+
+@pytest.fixture(autouse=True)
+def restore_resident(rt):
+    """The module's resident model is shared: after each test, whatever it set or
+    left behind (payload, gradients, train mode), the next test starts from the
+    initial adapter in eval mode."""
+    try:
+        yield
+    finally:
+        rt.model.set_payload(rt.model.initial)
+        rt.model.model.zero_grad(set_to_none=True)
+        rt.model.model.eval()
 
 
 def random_payload(template: Payload, seed: int) -> Payload:
@@ -46,6 +61,17 @@ def test_only_adapter_and_head_are_trainable_and_sent(rt):
     assert set(payload.factors) == {m for m in rt.model.scalings}
     assert all(m.endswith(("query", "value")) for m in payload.factors)
     assert payload.factors[next(iter(payload.factors))].scaling == pytest.approx(16 / 8)
+
+
+def test_default_config_trains_the_readmes_222338_parameters(rt):
+    """README, "What `make run` does": LoRA r=8 on query and value of MiniLM's 6 layers
+    plus BERT's head (pooler and classifier) trained in full."""
+    lora = 6 * 2 * 8 * (384 + 384)  # 12 modules, A (8 x 384) and B (384 x 8)
+    head = (384 * 384 + 384) + (2 * 384 + 2)  # pooler dense, classifier
+    assert lora + head == 222_338
+    assert rt.model.trainable_params == 222_338
+    assert sum(p.numel() for p in rt.model.model.parameters() if p.requires_grad) == 222_338
+    assert "222,338 trainable parameters (0.98%)" in (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def test_training_changes_adapter_but_never_base_weights(rt):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -64,12 +61,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, extra):
            {k: v for k, v in s_whole.items() if k not in ("wall_s", "config")}
 
 
-def cli(*args, cwd):
-    env = {**os.environ, "COLUMNS": "400"}
-    return subprocess.run([sys.executable, "-m", "fedpeft.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
-
-
-def test_resume_refuses_finished_missing_and_mixed_arguments(tmp_path):
+def test_resume_refuses_finished_missing_and_mixed_arguments(tmp_path, fedpeft_cli, assert_user_error):
     done = tmp_path / "done"
     done.mkdir()
     (done / "summary.json").write_text("{}")
@@ -80,6 +72,50 @@ def test_resume_refuses_finished_missing_and_mixed_arguments(tmp_path):
         (["run", "--resume", str(done), "--set", "train.lr=0.1"], "leave out --config, --set and --out"),
     ]
     for args, needle in cases:
-        result = cli(*args, cwd=tmp_path)
-        assert result.returncode == 2, (args, result.stderr)
-        assert needle in result.stderr and "Traceback" not in result.stderr + result.stdout
+        assert_user_error(fedpeft_cli(*args, cwd=tmp_path, timeout=120), needle)
+
+
+# The interrupted half, in a fresh process of its own (as every `fedpeft run` is): it stops
+# from the round hook once round 1 is checkpointed.
+STOP_AFTER_ROUND_ONE = """
+import json, sys
+from fedpeft.validation import load_config
+from fedpeft.engine import run_engine
+
+class Stop(Exception):
+    pass
+
+def stop(line):
+    if line["round"] == 1:
+        raise Stop("stopped after round 1")
+
+run_engine(load_config(None, json.loads(sys.argv[1])), sys.argv[2], on_round=stop)
+"""
+
+
+@pytest.mark.slow
+def test_resumed_run_on_the_simulation_engine_equals_uninterrupted_run(tmp_path, tiny_federation, fedpeft_cli):
+    """The same on Flower's simulation engine (Ray workers, each with its own resident model),
+    each part in its own process: `fedpeft run`, a run stopped after round 1, `fedpeft run --resume`.
+    Three Ray starts: a few minutes on the 2-core CPU."""
+    import subprocess
+    import sys
+
+    tiny = [o for o in tiny_federation if not o.startswith(("federation.engine", "federation.num_rounds"))]
+    overrides = tiny + ['federation.engine="simulation"', "federation.num_rounds=2", "train.local_steps=2",
+                        "federation.num_clients=3", "federation.clients_per_round=2"]
+    whole = fedpeft_cli("run", "--out", str(tmp_path / "whole"), *[a for o in overrides for a in ("--set", o)],
+                        cwd=tmp_path, timeout=900)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    cut = subprocess.run([sys.executable, "-c", STOP_AFTER_ROUND_ONE, json.dumps(overrides), str(tmp_path / "cut")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert cut.returncode != 0 and "stopped after round 1" in cut.stderr, cut.stderr[-3000:]
+    assert not (tmp_path / "cut/summary.json").exists()
+    resumed = fedpeft_cli("run", "--resume", str(tmp_path / "cut"), cwd=tmp_path, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert RunFolder(tmp_path / "cut").checkpoint_config()["federation"]["engine"] == "simulation"
+    whole_metrics, cut_metrics = RunFolder(tmp_path / "whole").read_metrics(), RunFolder(tmp_path / "cut").read_metrics()
+    assert [m["round"] for m in cut_metrics] == [0, 1, 2]
+    assert without_time(cut_metrics) == without_time(whole_metrics)
+    for name in ("adapter/adapter_model.safetensors", "checkpoint/state/state.safetensors"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

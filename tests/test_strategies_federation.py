@@ -29,8 +29,12 @@ def test_strategy_runs_with_real_clients(tmp_path, name):
         assert m["failed"] == [], m["failed"]
         assert set(m["client_accuracy"]) == {"0", "1"}
         assert m["bytes_up"] > 0 and m["bytes_down"] > 0
+        # Exact rules reach the weighted mean update up to float32 rounding (about 5e-8 here); the
+        # others report their real gap to it (0.07 to 1.1 here), which a broken metric would zero.
         if strategies.get(name).exact:
-            assert m["aggregation_error"] < 1e-4, (name, m["aggregation_error"])
+            assert m["aggregation_error"] < 1e-6, (name, m["aggregation_error"])
+        else:
+            assert m["aggregation_error"] > 1e-3, (name, m["aggregation_error"])
 
 
 def test_ffa_lora_uploads_b_and_head_only(tmp_path):
