@@ -141,3 +141,17 @@ def torch_threads() -> Iterator[Callable[[int], None]]:
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def restore_resident(rt):
+    """A module's shared runtime ``rt``: after each test, whatever it set or left behind
+    (payload, gradients, train mode), the next test starts from the initial adapter in
+    eval mode. Use with ``pytestmark = pytest.mark.usefixtures("restore_resident")``."""
+    try:
+        yield
+    finally:
+        rt.model.set_payload(rt.model.initial)
+        rt.model.model.zero_grad(set_to_none=True)
+        rt.model.model.eval()
+

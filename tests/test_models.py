@@ -23,17 +23,7 @@ def rt():
     return runtime(load_config(None, ["data.max_test_examples=64"]))
 
 
-@pytest.fixture(autouse=True)
-def restore_resident(rt):
-    """The module's resident model is shared: after each test, whatever it set or
-    left behind (payload, gradients, train mode), the next test starts from the
-    initial adapter in eval mode."""
-    try:
-        yield
-    finally:
-        rt.model.set_payload(rt.model.initial)
-        rt.model.model.zero_grad(set_to_none=True)
-        rt.model.model.eval()
+pytestmark = pytest.mark.usefixtures("restore_resident")  # tests/conftest.py
 
 
 def random_payload(template: Payload, seed: int) -> Payload:

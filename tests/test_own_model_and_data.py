@@ -87,17 +87,6 @@ def write_config(path: Path, data: dict, model: dict, federation: dict | None = 
     return path
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *named: str) -> str:
-    both = proc.stdout + proc.stderr
-    assert "Traceback" not in both, both
-    assert proc.returncode == 2, both
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for text in named:
-        assert text in lines[0], f"{text!r} not in {lines[0]!r}"
-    return lines[0]
-
-
 def read_summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
@@ -198,12 +187,12 @@ def _tokenizer(folder: Path):
 # ---------------------------------------------------------------- user errors: one line, exit 2, nothing written
 
 
-def test_wrong_column_is_one_line_naming_the_columns(assets, tmp_path):
+def test_wrong_column_is_one_line_naming_the_columns(assets, tmp_path, assert_user_error):
     out = tmp_path / "run"
     proc = fedpeft("run", "--set", f"data.dataset={assets / 'reviews.csv'}", "--set", "data.text_column=review",
                    "--set", "data.label_column=stars", "--set", f"model.name={assets / 'bert'}", "--out", str(out),
                    cwd=tmp_path)
-    assert_one_line_error(proc, "data.label_column", "'stars'", "review, sentiment, user")
+    assert_user_error(proc, "data.label_column", "'stars'", "review, sentiment, user")
     assert not out.exists()
 
 
@@ -213,7 +202,7 @@ def test_wrong_column_is_one_line_naming_the_columns(assets, tmp_path):
     pytest.param("unknown-architecture", ["model.name", "cannot read its config.json"], id="unknown-architecture"),
     pytest.param("no-tokenizer", ["model.name", "no tokenizer files", "tokenizer.save_pretrained"], id="no-tokenizer"),
 ])
-def test_unloadable_model_folder_is_one_line(assets, tmp_path, breakage, named):
+def test_unloadable_model_folder_is_one_line(assets, tmp_path, breakage, named, assert_user_error):
     import shutil
 
     folder = tmp_path / "model"
@@ -231,7 +220,7 @@ def test_unloadable_model_folder_is_one_line(assets, tmp_path, breakage, named):
         (folder / "config.json").write_text(json.dumps(config))
     out = tmp_path / "run"
     proc = fedpeft("run", "--set", f"model.name={folder}", "--out", str(out), cwd=tmp_path)
-    assert_one_line_error(proc, *named)
+    assert_user_error(proc, *named)
     assert not out.exists()
 
 
