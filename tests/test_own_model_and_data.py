@@ -187,6 +187,37 @@ def _tokenizer(folder: Path):
 # ---------------------------------------------------------------- user errors: one line, exit 2, nothing written
 
 
+def test_bert_folder_takes_mean_pooling_and_a_llama_folder_says_it_cannot(assets, assert_user_error, tmp_path):
+    """model.pooling = "mean" on a BERT folder: the pooler becomes the masked mean (no pooler weights
+    train, padding does not change a text's logits); on a Llama folder it is one clear line."""
+    from fedpeft.models.pooling import MeanPooler
+    from fedpeft.runtime import runtime
+    from fedpeft.validation import load_config
+
+    cfg = load_config(None, [f"data.dataset={assets / 'reviews.csv'}", "data.text_column=review",
+                             "data.label_column=sentiment", f"model.name={assets / 'bert'}", 'model.pooling="mean"',
+                             "model.max_length=32", "federation.num_clients=2"])
+    assert cfg.peft.modules_to_save == ["classifier"]
+    rt = runtime(cfg)
+    assert isinstance(rt.model.model.base_model.model.bert.pooler, MeanPooler)
+    tok = rt.model.tokenizer
+    with torch.inference_mode():
+        alone = tok(["a fine film"], return_tensors="pt")
+        padded = tok(["a fine film", "an awful film that nobody should ever watch again"], return_tensors="pt",
+                     padding=True)
+        assert padded["attention_mask"][0].sum() < padded["attention_mask"].shape[1]  # the short text is padded
+        a = rt.model.model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits[0]
+        b = rt.model.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[0]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    proc = fedpeft("run", "--set", f"data.dataset={assets / 'reviews.csv'}", "--set", "data.text_column=review",
+                   "--set", "data.label_column=sentiment", "--set", f"model.name={assets / 'llama'}",
+                   "--set", "model.task=classification", "--set", 'model.pooling="mean"', "--out",
+                   str(tmp_path / "run"), cwd=tmp_path)
+    assert_user_error(proc, "model.pooling = 'mean' is not available", "choose one of: cls")
+    assert not (tmp_path / "run").exists()
+
+
 def test_wrong_column_is_one_line_naming_the_columns(assets, tmp_path, assert_user_error):
     out = tmp_path / "run"
     proc = fedpeft("run", "--set", f"data.dataset={assets / 'reviews.csv'}", "--set", "data.text_column=review",

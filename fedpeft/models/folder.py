@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fedpeft.errors import AssetError, ConfigError
 from fedpeft.models.spec import ModelSpec, Task, freeze
+from fedpeft.models.pooling import MEAN_POOLING_ARCHITECTURES, use_mean_pooling
 
 TASKS = ("classification", "causal_lm")
 
@@ -76,6 +77,7 @@ def folder_model_spec(name: str, task: str = "auto") -> ModelSpec:
         default_targets=targets,
         head_modules=head,
         load=functools.partial(load_model_folder, path, task),
+        poolings=("mean",) if task == "classification" and config.model_type in MEAN_POOLING_ARCHITECTURES else (),
         description=f"local {config.model_type} folder {path} ({task})",
         architecture=config.model_type,
     )
@@ -189,11 +191,12 @@ def _dropout_overrides(config, dropout: float) -> dict[str, float]:
             if isinstance(getattr(config, attr, None), (int, float)) and not isinstance(getattr(config, attr), bool)}
 
 
-def load_model_folder(path: Path, task: str, num_labels: int, dropout: float):
+def load_model_folder(path: Path, task: str, num_labels: int, dropout: float, pooling: str = "cls"):
     """The folder's model (frozen, eval mode) and tokenizer, for ``task``.
 
     A classifier gets a head for ``num_labels`` labels: freshly initialised
-    when the checkpoint has none or one of another size.
+    when the checkpoint has none or one of another size. ``pooling = "mean"``
+    (BERT-family classifiers) feeds it the masked mean of the last hidden states.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -221,4 +224,6 @@ def load_model_folder(path: Path, task: str, num_labels: int, dropout: float):
             model = AutoModelForCausalLM.from_pretrained(path, **overrides)
     except (OSError, ValueError, RuntimeError) as exc:
         raise AssetError(f"model.name = {str(path)!r}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    if pooling == "mean":
+        use_mean_pooling(model)
     return freeze(model.float()), tokenizer

