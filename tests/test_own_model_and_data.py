@@ -342,3 +342,21 @@ def test_prompt_template_marks_where_the_response_starts(assets):
     assert data.label_names == ("text",) and not data.train_labels.any()
     with pytest.raises(ConfigError, match=r"uses column 'question': no such column .*instruction, input, output"):
         load_dataset(str(assets / "alpaca.jsonl"), columns=DataColumns(prompt_template="{question}"), task="causal_lm")
+
+
+def test_audit_runs_on_a_model_folder_and_a_dataset_file(assets, tmp_path):
+    """`fedpeft audit` on the BERT folder and the CSV: at batch 1 the head's gradient gives the label
+    exactly and inverts the classifier's input, above the prior-only baselines."""
+    out = tmp_path / "audit"
+    proc = fedpeft("audit", "--set", f"data.dataset={assets / 'reviews.csv'}", "--set", "data.text_column=review",
+                   "--set", "data.label_column=sentiment", "--set", f"model.name={assets / 'bert'}",
+                   "--set", "audit.victims=4", "--set", "audit.studies=false", "--set", "audit.empirical=false",
+                   "--set", 'audit.attacks=["label-recovery", "linear-inversion"]', "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "audit.json").read_text())
+    assert report["settings"]["model"] == str(assets / "bert")
+    main = next(e for e in report["experiments"] if e["name"] == "main")
+    labels = main["attacks"]["label-recovery"]["metrics"]["label accuracy"]
+    assert labels["attack"]["mean"] == 1.0 and labels["attack"]["n"] == 4
+    head = main["attacks"]["linear-inversion"]["metrics"]["cosine classifier input"]
+    assert head["attack"]["mean"] > 0.999 > head["baseline"]["mean"]
