@@ -144,12 +144,14 @@ def client_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: st
     LM: the mean next-token loss over the block's counted tokens (the
     model's own shifted loss).
     """
+    if logits.dtype != torch.float64:  # half-precision logits: the loss in float32, as transformers computes it
+        logits = logits.float()
     if task == "causal_lm":
         targets = batch["labels"][:, 1:]
-        token = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+        token = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
                                                   ignore_index=-100, reduction="none").view(k, -1)
         counted = (targets != -100).view(k, -1).to(token.dtype)
         return (token * counted).sum(1) / counted.sum(1).clamp(min=1.0)
-    row = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none").view(k, -1)
+    row = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none").view(k, -1)
     weight = batch["weight"].view(k, -1).to(row.dtype)
     return (row * weight).sum(1) / weight.sum(1).clamp(min=1.0)
