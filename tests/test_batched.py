@@ -18,7 +18,7 @@ controls show the comparison catches a wrong loss.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pytest
@@ -61,11 +61,11 @@ def random_payload(template: Payload, seed: int, rank: int | None = None, residu
     return Payload(factors=factors, residuals=residuals, extras=extras)
 
 
-def sequential(resident, split, shards, seeds, payloads, **kw):
+def sequential(resident, split, shards, seeds, payloads, trainable=None, **kw):
     """Each client alone, as ClientHandlers.train runs it: (metrics, upload, step losses) per client."""
     out = []
     for shard, seed, payload in zip(shards, seeds, payloads):
-        resident.set_payload(payload)
+        resident.set_payload(payload, trainable=trainable)
         losses: list[float] = []
         metrics = train_steps(resident.model, split, shard, seed=seed, step_losses=losses, **kw)
         out.append((metrics, resident.payload(), losses))
@@ -123,12 +123,9 @@ def both_ways(rt, sizes, seeds, payloads, dtype=torch.float64, **train):
     split, _ = rt.splits
     shards = shards_of(rt, sizes)
     kw = dict(task=rt.model.task, **train)
-    if dtype == torch.float64:
-        with float64(rt.model):
-            return (sequential(rt.model, split, shards, seeds, payloads, **kw),
-                    train_clients_batched(rt.model, split, shards, seeds, payloads, **kw))
-    return (sequential(rt.model, split, shards, seeds, payloads, **kw),
-            train_clients_batched(rt.model, split, shards, seeds, payloads, **kw))
+    with float64(rt.model) if dtype == torch.float64 else nullcontext():
+        return (sequential(rt.model, split, shards, seeds, payloads, **kw),
+                train_clients_batched(rt.model, split, shards, seeds, payloads, **kw))
 
 
 def test_adamw_clients_of_different_shards_and_seeds_match_sequential(rt):
@@ -171,6 +168,31 @@ def test_residuals_fold_once_or_apply_per_client(rt, shared):
     seq, together = both_ways(rt, (6, 6), [3, 4], payloads, steps=2, batch_size=4, lr=3e-3, weight_decay=0.0)
     # Sequential folds W0 + R in float32 (the model's originals), batched applies R apart in float64.
     assert_same(seq, together, **(EXACT if shared else dict(loss_rtol=1e-6, rtol=1e-5, atol=1e-7)))
+
+
+def test_frozen_factors_stay_frozen_as_a_rules_trainable_says(rt):
+    """FFA-LoRA's ``trainable``: every A frozen, B and the head trained."""
+    payloads = [random_payload(rt.model.initial, s) for s in (17, 18)]
+    seq, together = both_ways(rt, (8, 5), [1, 2], payloads, trainable=lambda m: {"A": False, "B": True}, **TRAIN)
+    assert_same(seq, together, **EXACT)
+    for payload, result in zip(payloads, together):
+        for m, f in payload.factors.items():
+            np.testing.assert_array_equal(result.payload.factors[m].A, f.A)
+            assert not np.array_equal(result.payload.factors[m].B, f.B)
+
+
+def test_a_head_that_is_not_a_linear_layer_trains_per_client(one_torch_thread):
+    """``modules_to_save = ["bert.pooler", ...]`` wraps BertPooler (dense + tanh): the generic per-client head path."""
+    rt = runtime(load_config(None, [*SMALL, 'peft.modules_to_save=["bert.pooler", "classifier"]']))
+    payloads = [random_payload(rt.model.initial, s) for s in (19, 20)]
+    assert "bert.pooler.dense.weight" in payloads[0].extras
+    head = rt.model.model.get_submodule("base_model.model.bert.pooler").modules_to_save["default"]
+    assert not isinstance(head, torch.nn.Linear)
+    try:
+        seq, together = both_ways(rt, (6, 3), [1, 2], payloads, steps=2, batch_size=4, lr=3e-3, weight_decay=0.0)
+    finally:
+        rt.model.set_payload(rt.model.initial)
+    assert_same(seq, together, **EXACT)
 
 
 def test_poisson_batches_with_empty_draws_skip_only_that_clients_step(rt):
