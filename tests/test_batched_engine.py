@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import fedpeft
@@ -55,3 +56,38 @@ def test_batch_clients_without_the_batched_engine_is_a_config_error():
     with pytest.raises(ConfigError, match="federation.batch_clients = 4 sizes the batched engine's passes; set "
                                           "federation.engine = 'batched'"):
         load_config(None, ["federation.batch_clients=4"])
+
+
+def test_a_failing_client_fails_alone_and_the_others_equal_sequential_replies(tiny_federation, caplog):
+    from flwr.app import ConfigRecord, MessageType
+
+    from fedpeft.client import make_client_app
+    from fedpeft.runtime import runtime
+    from fedpeft.server.batched_grid import BatchedGrid
+    from fedpeft.server.flower_strategy import payload_message
+    from fedpeft.server.inprocess_grid import InProcessGrid
+    from fedpeft.wire import ARRAYS, METRICS, SERVER_ROUND, from_array_record
+    from strategies import LoRAFactors, Payload
+
+    cfg = load_config(None, [*tiny_federation, "federation.num_clients=3", "model.dropout=0.0", "train.local_steps=2",
+                             'federation.engine="batched"'])
+    good = runtime(cfg).model.initial
+    module, f = next(iter(good.factors.items()))
+    bad = Payload(factors={**good.factors, module: LoRAFactors(A=f.A[:, :-1], B=f.B, scaling=f.scaling)},
+                  extras=good.extras)  # A one column short: this client's set-up raises
+
+    def messages():
+        return [payload_message(p, ConfigRecord({SERVER_ROUND: 1}), MessageType.TRAIN, node)
+                for node, p in ((1, good), (2, bad), (3, good))]
+
+    with caplog.at_level("WARNING", logger="fedpeft.server.batched_grid"):
+        batched = list(BatchedGrid(make_client_app(cfg), cfg).send_and_receive(messages()))
+    assert "a batched pass failed; its 3 train messages run one by one" in caplog.text
+    alone = list(InProcessGrid(make_client_app(cfg), 3).send_and_receive(messages()))
+    assert [r.has_error() for r in batched] == [False, True, False] == [r.has_error() for r in alone]
+    for mine, theirs in zip(batched[::2], alone[::2]):
+        assert dict(mine.content[METRICS]) == pytest.approx(dict(theirs.content[METRICS]), rel=1e-5)
+        a, b = from_array_record(mine.content[ARRAYS]), from_array_record(theirs.content[ARRAYS])
+        assert set(a) == set(b)
+        for key in b:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5)

@@ -9,21 +9,25 @@ Everything else goes through the ClientApp one message at a time, exactly
 as :class:`InProcessGrid` delivers it: queries, evaluations, and train
 messages of configurations the batched path does not cover yet
 (sample-level DP, dropout, client-side clipping mods; see
-:func:`fedpeft.client.batched.batched_unsupported`).
+:func:`fedpeft.client.batched.batched_unsupported`), and the messages of a
+batched pass that raised, so that one client's failure stays its own.
 """
 
 from __future__ import annotations
 
+import logging
 import traceback
 from collections.abc import Iterable
 
-from flwr.app import Error, Message, MessageType
+from flwr.app import Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedpeft.client.app import ClientHandlers
 from fedpeft.client.batched import batched_unsupported, train_together
 from fedpeft.config import Config
-from fedpeft.server.inprocess_grid import CLIENT_APP_RAISED_EXCEPTION, InProcessGrid
+from fedpeft.server.inprocess_grid import InProcessGrid
+
+log = logging.getLogger(__name__)
 
 
 class BatchedGrid(InProcessGrid):
@@ -59,6 +63,9 @@ class BatchedGrid(InProcessGrid):
         contexts = [self.contexts[m.metadata.dst_node_id] for m in chunk]
         try:
             return train_together(self.handlers, chunk, contexts)
-        except Exception as exc:  # a failing pass fails each of its clients' replies, as in Flower
-            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            return [Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=m) for m in chunk]
+        except Exception:
+            # One client's bad message must not fail the others: rerun the chunk one
+            # message at a time, so only the failing client's reply is an error.
+            log.warning("a batched pass failed; its %d train messages run one by one:\n%s", len(chunk),
+                        traceback.format_exc(limit=3))
+            return list(super().send_and_receive(chunk))
