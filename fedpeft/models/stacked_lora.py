@@ -70,6 +70,11 @@ class ClientAdapter:
         return Payload(factors=factors, extras=extras)
 
 
+def _leaf(p: torch.Tensor) -> torch.Tensor:
+    """A client's own copy of a model tensor, trainable where the model's is."""
+    return p.detach().clone().requires_grad_(p.requires_grad)
+
+
 def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().float().numpy().copy()
 
@@ -80,8 +85,10 @@ class StackedLoRA:
     Parameters
     ----------
     resident : ResidentModel
-        The process's resident model; its own adapter is left as the last
-        client's payload loaded (as after sequential training).
+        The process's resident model. Its own adapter tensors end up holding
+        the last client's received payload and its base weights the residual
+        :meth:`applied` used: load a payload before using it alone again
+        (every client handler does).
     payloads : sequence of Payload
         What each client received, in client-block order.
     trainable : callable, optional
@@ -105,12 +112,11 @@ class StackedLoRA:
 
     def _capture(self, payload: Payload, trainable) -> ClientAdapter:
         self.resident.set_payload(payload, trainable=trainable)
-        leaf = lambda p: p.detach().clone().requires_grad_(p.requires_grad)  # noqa: E731
         A, B = {}, {}
         for m in self.modules:
             layer = self._layer(m)
-            A[m], B[m] = leaf(layer.lora_A["default"].weight), leaf(layer.lora_B["default"].weight)
-        head = {name: {n: leaf(p) for n, p in self._head(name).named_parameters()} for name in self.head_modules}
+            A[m], B[m] = _leaf(layer.lora_A["default"].weight), _leaf(layer.lora_B["default"].weight)
+        head = {name: {n: _leaf(p) for n, p in self._head(name).named_parameters()} for name in self.head_modules}
         return ClientAdapter(A=A, B=B, scalings=dict(self.resident.scalings), ranks=dict(self.resident.ranks),
                              head=head, residuals=dict(payload.residuals))
 

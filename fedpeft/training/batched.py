@@ -48,8 +48,8 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
     run on it alone (to float rounding), with the same ``steps``,
     ``batch_size``, ``lr``, ``weight_decay``, ``sampling``, ``optimizer`` and
     ``momentum``. Dropout must be off (``model.dropout = 0`` and
-    ``peft.dropout = 0``). The resident model is left holding the last
-    client's received payload, in eval mode.
+    ``peft.dropout = 0``). The resident model is left in eval mode, its own
+    adapter holding the last client's received payload.
 
     Returns
     -------
