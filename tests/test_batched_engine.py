@@ -45,7 +45,14 @@ def test_batched_engine_equals_inprocess(tmp_path, tiny_federation, read_run, mo
     assert one_rounds[-1]["loss"] != one_rounds[0]["loss"]
 
 
-def test_unsupported_configurations_fall_back_with_a_reason():
+def test_unsupported_configurations_fall_back_with_a_reason(tiny_federation, caplog):
+    from fedpeft.client import make_client_app
+    from fedpeft.server.batched_grid import BatchedGrid
+
+    with_dropout = load_config(None, [*tiny_federation, 'federation.engine="batched"', "model.dropout=0.1"])
+    with caplog.at_level("WARNING", logger="fedpeft.server.batched_grid"):
+        BatchedGrid(make_client_app(with_dropout), with_dropout)
+    assert "federation.engine = 'batched' trains this run's clients one by one: dropout" in caplog.text
     assert batched_unsupported(load_config(None, ['federation.engine="batched"', "model.dropout=0.0"])) == ""
     assert "dropout" in batched_unsupported(load_config(None, ['federation.engine="batched"']))
     sample = load_config(None, ['federation.engine="batched"', "model.dropout=0.0", 'dp.mode="sample"'])

@@ -46,6 +46,8 @@ class BatchedGrid(InProcessGrid):
         self.handlers = ClientHandlers(cfg)
         self.chunk = cfg.federation.batch_clients
         self.fallback_reason = batched_unsupported(cfg)
+        if self.fallback_reason:
+            log.warning("federation.engine = 'batched' trains this run's clients one by one: %s", self.fallback_reason)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
