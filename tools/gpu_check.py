@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             report["runs"][f"{name}_cpu"] = result = run_federation(f"{name}_cpu", cpu, out)
             gpu_wall = report["runs"][name]["wall_s"]
             report["runs"][name]["speedup_over_cpu"] = round(result["wall_s"] / gpu_wall, 2) if gpu_wall else math.nan
-    audit = base + device + AUDIT + (["audit.victims=4", "audit.canary_trials=50"] if args.quick else [])
+    audit = base + device + AUDIT + (["audit.victims=4", "audit.canary_trials=50", "audit.prior_examples=200"] if args.quick else [])
     report["audit"] = run_audit(audit, out)
     if report["audit"]["experiments"] == 0:
         failures.append("the audit ran no experiment")
