@@ -152,6 +152,20 @@ def test_batches_land_on_the_device_asked_for():
     assert on_cpu["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
 
 
+def test_dp_noise_generators_live_on_the_device_asked_for_and_repeat_only_from_a_user_secret():
+    from fedpeft.privacy.secret import OS_SECRET, SecretSource
+
+    user = SecretSource(entropy=12345, origin="test")
+    targets = ["cpu", torch.device("cpu")] + (["cuda"] if CUDA else [])
+    for device in targets:
+        gen = user.torch_generator("dp-sgd-noise", 3, device=device)
+        assert gen.device.type == torch.device(device).type
+        draw = torch.randn(5, generator=gen, device=gen.device)
+        again = torch.randn(5, generator=user.torch_generator("dp-sgd-noise", 3, device=device), device=gen.device)
+        other = torch.randn(5, generator=OS_SECRET.torch_generator("dp-sgd-noise", 3, device=device), device=gen.device)
+        assert torch.equal(draw, again) and not torch.equal(draw, other)
+
+
 # --- training, evaluation and DP on the real model ------------------------------------------------
 
 
