@@ -21,7 +21,8 @@ import torch
 
 from fedpeft.errors import ConfigError
 
-__all__ = ["DEVICES", "DTYPES", "autocast", "client_device", "cuda_count", "fork_rng", "gpu_share", "is_cuda", "model_device", "resolve"]
+__all__ = ["DEVICES", "DTYPES", "autocast", "client_device", "cuda_count", "fork_rng", "gpu_share", "model_device",
+           "resolve"]
 
 DEVICES = '"auto", "cpu", "cuda" or "cuda:N"'
 """The valid values of ``federation.device``, in words (for error messages)."""
@@ -35,11 +36,6 @@ _CUDA = re.compile(r"cuda(?::(\d+))?")
 def cuda_count() -> int:
     """CUDA devices this process sees (0 without CUDA; a Ray worker sees only those Ray gave it)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def is_cuda(name: str) -> bool:
-    """Whether ``federation.device = name`` asks for CUDA (``auto`` counts only when CUDA is present)."""
-    return resolve(name).type == "cuda"
 
 
 def resolve(name: str, key: str = "federation.device") -> torch.device:
