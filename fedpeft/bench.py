@@ -76,7 +76,7 @@ def bench_dp_step(cfg: Config, repeats: int = 5) -> dict[str, float]:
     split, _ = rt.splits
     shard = rt.shards[0]
     size = min(cfg.train.batch_size, len(shard))
-    batch = split.batch(shard[:size], rt.model.task)
+    batch = split.batch(shard[:size], rt.model.task, rt.model.device)
     model = rt.model.model
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -94,7 +94,8 @@ def bench_dp_step(cfg: Config, repeats: int = 5) -> dict[str, float]:
     plain = _best_of(lambda: step(logits, plain_opt), repeats)
     with grad_sample_module(model) as gsm:
         dp = DPSGD(noise_multiplier=1.0, max_grad_norm=cfg.dp.max_grad_norm or 1.0, sample_rate=size / len(shard))
-        private_opt = dp_optimizer(torch.optim.AdamW(params, lr=0.0), dp, size, torch.Generator().manual_seed(0))
+        private_opt = dp_optimizer(torch.optim.AdamW(params, lr=0.0), dp, size,
+                                   torch.Generator(rt.model.device).manual_seed(0))
         private = _best_of(lambda: step(gsm, private_opt), repeats)
     plain = min(plain, _best_of(lambda: step(logits, plain_opt), repeats))
     model.eval()

@@ -49,6 +49,12 @@ class FederationConfig:
     client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")
     threads: int = _f(0, "torch threads of the server process, which runs the clients too with engine=inprocess (0 = all cores)", min=0)
     name: str = _f("default", "run name, used in the run folder's name")
+    device: str = _f("auto", "where models, batches, optimizers and DP noise live: auto (the first CUDA GPU when there "
+                             "is one, else the CPU), cpu, cuda or cuda:N; with engine = simulation the clients use a GPU "
+                             "only with federation.client_gpus > 0", expect='"auto", "cpu", "cuda" or "cuda:N"')
+    client_gpus: float = _f(0.0, "fraction of one GPU each simulated client worker reserves from Ray (0.25 = four "
+                                 "workers per GPU; 0 = clients train on the CPU); needs a CUDA federation.device",
+                            min=0.0)
 
 
 @dataclass
@@ -86,6 +92,9 @@ class ModelConfig:
     pooling: str = _f("cls", "classification features: cls (BERT's pooler on the first token) or mean (masked mean of "
                              "the last hidden states, how sentence-transformers such as MiniLM are trained)",
                       choices=("cls", "mean"))
+    dtype: str = _f("float32", "compute precision: float32, or bfloat16 (torch.autocast: matmuls in bfloat16; weights, "
+                               "gradients, optimizer state and DP clipping stay float32)",
+                    choices=("float32", "bfloat16"))
 
 
 @dataclass

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import Config
+from fedpeft.devices import gpu_share, resolve
 from fedpeft.environment import quiet_environment
+
 
 def run_engine(cfg: Config, out: Path, on_round=None, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg`` on the engine it names; results land in (or, with ``resume``, continue) ``out``.
@@ -69,15 +71,7 @@ def run_simulation_engine(cfg: Config, out: Path, on_round=None, resume: bool = 
     summaries: list[dict[str, Any]] = []  # the ServerApp runs in a thread of this process
     server_app = make_server_app(cfg, out, on_round, resume, on_summary=summaries.append)
     client_app = make_client_app(cfg)
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": os.cpu_count(),
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-            "include_dashboard": False,
-        },
-    }
+    backend_config = simulation_backend_config(cfg)
     run_simulation(
         server_app=server_app,
         client_app=client_app,
@@ -87,3 +81,23 @@ def run_simulation_engine(cfg: Config, out: Path, on_round=None, resume: bool = 
     if not summaries:
         raise RuntimeError(f"Flower's simulation ended without the ServerApp finishing the run in {out}; see its log above")
     return summaries[0]
+
+
+def simulation_backend_config(cfg: Config) -> dict[str, Any]:
+    """The Ray backend config of ``run_simulation``: each client worker's resources and Ray's start-up.
+
+    A worker reserves ``federation.client_cpus`` cores and, on a CUDA
+    ``federation.device``, ``federation.client_gpus`` of a GPU (Ray then sets
+    the worker's ``CUDA_VISIBLE_DEVICES`` to the GPU it shares, and
+    :func:`fedpeft.devices.client_device` puts the client's model there).
+    """
+    fed = cfg.federation
+    return {
+        "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": gpu_share(fed.client_gpus, resolve(fed.device))},
+        "init_args": {
+            "num_cpus": os.cpu_count(),
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+            "include_dashboard": False,
+        },
+    }

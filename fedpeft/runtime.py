@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fedpeft.config import Config, max_rank
+from fedpeft.devices import resolve
 from fedpeft.validation import build_strategy, data_columns
 from fedpeft.data import TextClassificationData, load_dataset, partition_indices
 from fedpeft.privacy.dp_sgd import check_private_model
@@ -65,25 +66,36 @@ _RUNTIMES: dict[str, Runtime] = {}
 _LOCK = threading.Lock()
 
 
-def resident_spec(cfg: Config, num_labels: int) -> ResidentSpec:
-    """The resident model ``cfg`` asks for: the model layer takes this, not the whole config."""
+def resident_spec(cfg: Config, num_labels: int, device: torch.device | str | None = None) -> ResidentSpec:
+    """The resident model ``cfg`` asks for: the model layer takes this, not the whole config.
+
+    ``device`` defaults to ``federation.device`` resolved in this process.
+    """
     p, m = cfg.peft, cfg.model
+    device = resolve(cfg.federation.device) if device is None else torch.device(device)
     return ResidentSpec(model=m.name, task=m.task, num_labels=num_labels, dropout=m.dropout, pooling=m.pooling,
                         rank=max_rank(cfg), alpha=p.alpha, target_modules=tuple(p.target_modules),
                         lora_dropout=p.dropout, rslora=p.rslora, modules_to_save=tuple(p.modules_to_save),
-                        seed=cfg.federation.seed)
+                        seed=cfg.federation.seed, device=str(device))
 
 
-def runtime(cfg: Config, threads: int | None = None) -> Runtime:
-    """This process's runtime for ``cfg`` (built on first call)."""
-    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+def runtime(cfg: Config, threads: int | None = None, device: torch.device | str | None = None) -> Runtime:
+    """This process's runtime for ``cfg`` (built on first call), its model on ``device``.
+
+    ``device`` defaults to ``federation.device`` resolved here; a simulated
+    client worker passes the device Ray gave it
+    (:func:`fedpeft.devices.client_device`).
+    """
+    device = resolve(cfg.federation.device) if device is None else torch.device(device)
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str) + f"@{device}"
     with _LOCK:
         if key not in _RUNTIMES:
             if threads:
                 torch.set_num_threads(threads)
             data = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction, columns=data_columns(cfg),
                                 task=get_model_spec(cfg.model.name, cfg.model.task).task)
-            _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(resident_spec(cfg, data.num_labels)))
+            spec = resident_spec(cfg, data.num_labels, device)
+            _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(spec))
         return _RUNTIMES[key]
 
 
@@ -95,7 +107,8 @@ def install_runtime(cfg: Config, data: TextClassificationData) -> Runtime:
     shards. ``cfg.data.dataset`` must name ``data`` uniquely: it keys the
     per-process token cache.
     """
-    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    device = resolve(cfg.federation.device)
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str) + f"@{device}"
     with _LOCK:
         _RUNTIMES[key] = Runtime(cfg=cfg, data=data, model=resident_model(resident_spec(cfg, data.num_labels)))
         return _RUNTIMES[key]

@@ -52,6 +52,7 @@ def validate(cfg: Config) -> None:
             f"federation.batch_clients = {fed.batch_clients} sizes the batched engine's passes; set "
             f"federation.engine = 'batched' (now {fed.engine!r}) or federation.batch_clients = 0"
         )
+    validate_device(cfg)
     spec = validate_model(cfg)
     validate_data(cfg, spec.task)
     strategy = build_strategy(cfg)
@@ -67,6 +68,25 @@ def validate(cfg: Config) -> None:
             f"use one of: {', '.join(able)}"
         )
     validate_dp(cfg, strategy)
+
+
+def validate_device(cfg: Config) -> None:
+    """``federation.device`` names a device this machine has; ``federation.client_gpus`` fits it and the engine."""
+    from fedpeft.devices import resolve
+
+    fed = cfg.federation
+    device = resolve(fed.device)
+    if fed.client_gpus > 0 and device.type != "cuda":
+        raise ConfigError(f"federation.client_gpus = {fed.client_gpus} reserves GPUs for the client workers, but "
+                          f"federation.device = {fed.device!r} is the CPU here; set federation.client_gpus = 0, or "
+                          "federation.device to \"cuda\" on a machine with CUDA")
+    if fed.client_gpus > 0 and fed.engine != "simulation":
+        raise ConfigError(f"federation.client_gpus = {fed.client_gpus} applies to engine = 'simulation' (Ray workers); "
+                          f"with engine = {fed.engine!r} the clients share the server's federation.device: set it to 0")
+    if fed.device.strip().lower() != "auto" and device.type == "cuda" and fed.engine == "simulation" and fed.client_gpus == 0:
+        raise ConfigError(f"federation.device = {fed.device!r} with engine = 'simulation' needs federation.client_gpus "
+                          "> 0, the fraction of a GPU each client worker reserves from Ray (e.g. 0.25), or the "
+                          "clients would train on the CPU")
 
 
 def validate_model(cfg: Config):

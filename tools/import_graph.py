@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "strategies": 0,
     "fedpeft.errors": 0,
     "fedpeft.environment": 0,
+    "fedpeft.devices": 1,  # where tensors live, in what precision
     "fedpeft.compat": 1,  # adapters over pinned upstream internals
     "fedpeft.wire": 1,  # what crosses the wire: record and message keys
     "fedpeft.config": 2,

@@ -48,7 +48,8 @@ def _world(name: str, texts: list[str], labels: list[int]) -> TextClassification
 
 def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: int = 1, trials: int = 400,
                       delta: float = 1e-5, confidence: float = 0.95, others: int = 3, lr: float = 0.05,
-                      seed: int = 0, claimed_noise_multiplier: float | None = None) -> EmpiricalAudit:
+                      seed: int = 0, claimed_noise_multiplier: float | None = None,
+                      device: str = "auto") -> EmpiricalAudit:
     """Canary audit of one client round of ``fedpeft run`` under ``dp.mode = "sample"``.
 
     Parameters
@@ -70,6 +71,8 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
         ``federation.seed``: public, and known to the adversary.
     claimed_noise_multiplier : float, optional
         Account for this sigma instead (a deliberately wrong claim, for tests).
+    device : str
+        ``federation.device`` of the client (its model, batches and noise).
     """
     from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
@@ -82,7 +85,8 @@ def client_path_audit(noise_multiplier: float, max_grad_norm: float, *, steps: i
 
     labels = [i % 2 for i in range(others)] + [0]
     base = Config(
-        federation=FederationConfig(num_clients=1, seed=seed, engine="inprocess", name="client-path-audit"),
+        federation=FederationConfig(num_clients=1, seed=seed, engine="inprocess", name="client-path-audit",
+                                    device=device),
         data=DataConfig(partition="iid"),
         model=ModelConfig(name="tiny-bert", max_length=16, dropout=0.0),
         train=TrainConfig(local_steps=steps, batch_size=others + 1, lr=lr),
@@ -150,7 +154,7 @@ def _canary_direction(worlds, sent: dict[str, np.ndarray], clip: float) -> dict[
         model = rt.model
         model.set_payload(Payload.from_arrays(sent, model.initial.scalings()))
         split, _ = rt.splits
-        batch = split.batch([len(split) - 1], "classification")
+        batch = split.batch([len(split) - 1], "classification", model.device)
         params = {n: p for n, p in model.model.named_parameters() if p.requires_grad}
         model.model.zero_grad(set_to_none=True)
         logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.devices import fork_rng, model_device
 from fedpeft.audit.observe import LocalResult, UploadFn, trainable_restored
 from fedpeft.privacy.accountants import accountant_title, compute_epsilon
 from fedpeft.privacy.validation import check_delta
@@ -154,10 +155,10 @@ def dp_upload(mechanism: DPSGD, weight_decay: float = 0.0, expected_batch_size: 
                 split, indices = _as_split(batch)
                 train_steps(model, split, indices, task="classification", steps=local_steps, batch_size=len(indices), lr=lr,
                             weight_decay=weight_decay, seed=seed, dp=mechanism)
-                return LocalResult(after={n: p.detach().numpy().copy() for n, p in params.items()}, gradients=None)
+                return LocalResult(after={n: p.detach().cpu().numpy().copy() for n, p in params.items()}, gradients=None)
             grads = _dp_sgd(model, params, batch, mechanism, lr=lr, steps=local_steps, seed=seed,
                             expected=expected_batch_size)
-            return LocalResult(after={n: p.detach().numpy().copy() for n, p in params.items()},
+            return LocalResult(after={n: p.detach().cpu().numpy().copy() for n, p in params.items()},
                                gradients=grads if local_steps == 1 else None)
 
     return upload
@@ -170,19 +171,20 @@ def _dp_sgd(model, params: dict, batch: dict[str, torch.Tensor], dp: DPSGD, *, l
     schedule = poisson_batches(np.arange(n), steps, dp.sample_rate, OS_SECRET.generator("dp-sgd-batches"))
     first: dict[str, np.ndarray] = {}
     model.train()
-    with torch.random.fork_rng(devices=[]), grad_sample_module(model) as forward:
+    device = model_device(model)
+    with fork_rng(device), grad_sample_module(model) as forward:
         torch.manual_seed(seed)
         opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), dp, expected or dp.sample_rate * n,
-                           OS_SECRET.torch_generator("dp-sgd-noise"))
+                           OS_SECRET.torch_generator("dp-sgd-noise", device=device))
 
         def loss_of(idx):
-            sub = {k: v[torch.as_tensor(idx)] for k, v in batch.items()}
+            sub = {k: v[torch.as_tensor(idx, device=v.device)] for k, v in batch.items()}
             return per_sample_loss(forward(sub["input_ids"], sub["attention_mask"]), sub, "classification").mean()
 
         for _ in private_steps(opt, schedule, loss_of):
             if not first:
                 # After DPOptimizer.step, .grad holds the clipped, noised, averaged gradient.
-                first = {k: p.grad.detach().numpy().astype(np.float32).copy() for k, p in params.items()}
+                first = {k: p.grad.detach().cpu().numpy().astype(np.float32) for k, p in params.items()}
     return first
 
 
@@ -210,7 +212,8 @@ def dp_image_upload(mechanism: DPSGD):
             with per_sample_hooks(model) as gsm:
                 gsm.train()  # opacus records activations in training mode only
                 opt = dp_optimizer(torch.optim.SGD(list(params.values()), lr=lr), mechanism,
-                                   mechanism.sample_rate * len(x), OS_SECRET.torch_generator("dp-sgd-noise"))
+                                   mechanism.sample_rate * len(x),
+                                   OS_SECRET.torch_generator("dp-sgd-noise", device=model_device(model)))
                 for _ in private_steps(opt, schedule, lambda idx: torch.nn.functional.cross_entropy(
                         gsm(x[torch.as_tensor(idx)]), y[torch.as_tensor(idx)])):
                     if not first:
@@ -233,9 +236,9 @@ def _as_split(batch: dict[str, torch.Tensor]):
     """The victim's padded batch back as an :class:`EncodedSplit` (for ``train_steps``)."""
     from fedpeft.training import EncodedSplit
 
-    mask = batch["attention_mask"].bool()
-    ids = tuple(row[m].numpy().astype(np.int64) for row, m in zip(batch["input_ids"], mask))
-    pads = batch["input_ids"][~mask]
+    input_ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+    ids = tuple(row[m].numpy().astype(np.int64) for row, m in zip(input_ids, mask))
+    pads = input_ids[~mask]
     pad_id = int(pads[0]) if len(pads) else 0
-    split = EncodedSplit(ids=ids, labels=batch["labels"].numpy().astype(np.int64), pad_id=pad_id)
+    split = EncodedSplit(ids=ids, labels=batch["labels"].cpu().numpy().astype(np.int64), pad_id=pad_id)
     return split, np.arange(len(ids))

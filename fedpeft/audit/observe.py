@@ -85,8 +85,8 @@ def honest_upload(model, batch: dict[str, torch.Tensor], *, lr: float, local_ste
         if local_steps == 1:
             model.zero_grad(set_to_none=True)
             _loss(model, batch).backward()
-            grads = {n: p.grad.detach().numpy().astype(np.float32).copy() for n, p in params.items()}
-            after = {n: (start[n].numpy() - lr * grads[n]).astype(np.float32) for n in params}
+            grads = {n: p.grad.detach().cpu().numpy().astype(np.float32) for n, p in params.items()}
+            after = {n: (start[n].cpu().numpy() - lr * grads[n]).astype(np.float32) for n in params}
             return LocalResult(after=after, gradients=grads)
         opt_cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
         opt = opt_cls(list(params.values()), lr=lr)
@@ -94,7 +94,7 @@ def honest_upload(model, batch: dict[str, torch.Tensor], *, lr: float, local_ste
             opt.zero_grad(set_to_none=True)
             _loss(model, batch).backward()
             opt.step()
-        return LocalResult(after={n: p.detach().numpy().copy() for n, p in params.items()}, gradients=None)
+        return LocalResult(after={n: p.detach().cpu().numpy().copy() for n, p in params.items()}, gradients=None)
 
 
 @contextlib.contextmanager
@@ -138,7 +138,7 @@ def capture_head_inputs(resident, into: dict[str, np.ndarray]) -> Iterator[None]
         module = resident.model.get_submodule(PREFIX + name).modules_to_save["default"]
 
         def hook(mod, args, name=name):
-            into.setdefault(name, args[0].detach().numpy().copy())
+            into.setdefault(name, args[0].detach().float().cpu().numpy().copy())
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
@@ -153,10 +153,11 @@ def _head_layers(resident) -> list[str]:
     return sorted({k[: -len(".weight")] for k in extras if k.endswith(".weight") and k[: -len(".weight")] + ".bias" in extras})
 
 
-def victim_batch(ids: list[np.ndarray], labels: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-    """Padded model inputs for the victim's examples (the same padding as training)."""
+def victim_batch(ids: list[np.ndarray], labels: np.ndarray, pad_id: int,
+                 device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Padded model inputs for the victim's examples (the same padding as training), on ``device``."""
     split = EncodedSplit(ids=tuple(ids), labels=np.asarray(labels, dtype=np.int64), pad_id=pad_id)
-    return split.batch(np.arange(len(ids)), "classification")
+    return split.batch(np.arange(len(ids)), "classification", device)
 
 
 def observe(resident, strategy, sent: Payload, truth: Truth, *, lr: float, local_steps: int, optimizer: str = "sgd",
@@ -187,7 +188,7 @@ def observe(resident, strategy, sent: Payload, truth: Truth, *, lr: float, local
         How the victim turns its data into an upload (DP clients plug in here).
     """
     resident.set_payload(sent, trainable=strategy.trainable)
-    batch = victim_batch(truth.ids, truth.labels, resident.tokenizer.pad_token_id or 0)
+    batch = victim_batch(truth.ids, truth.labels, resident.tokenizer.pad_token_id or 0, resident.device)
     with capture_head_inputs(resident, truth.head_inputs), dropout_rate(resident.model, dropout):
         result = upload(resident.model, batch, lr=lr, local_steps=local_steps, optimizer=optimizer, seed=seed)
     sent_arrays = sent.arrays()

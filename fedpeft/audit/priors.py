@@ -95,10 +95,10 @@ def build_prior(rt, sent, public: np.ndarray, special: set[int]) -> Prior:
     for start in range(0, len(rows), PRIOR_FORWARD_ROWS):
         idx = rows[start : start + PRIOR_FORWARD_ROWS]
         seen: dict[str, np.ndarray] = {}
-        batch = split.subset(idx).batch(np.arange(len(idx)), "classification")
+        batch = split.subset(idx).batch(np.arange(len(idx)), "classification", model.device)
         with capture_head_inputs(model, seen):
             logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        preds.append(torch.softmax(logits, -1).numpy())
+        preds.append(torch.softmax(logits, -1).cpu().numpy())
         for k, v in seen.items():
             feats.setdefault(k, []).append(v)
     return Prior(

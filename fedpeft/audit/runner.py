@@ -219,7 +219,8 @@ def empirical_privacy(cfg: Config, s: AuditConfig, main_dp):
                  if dp.target_epsilon else dp.noise_multiplier)
         return client_level_audit(sigma, dp.max_grad_norm, num_clients=fed.num_clients, clients_per_round=m, **common)
     if main_dp is not None:
-        return client_path_audit(main_dp.noise_multiplier, main_dp.max_grad_norm, steps=main_dp.steps, **common)
+        return client_path_audit(main_dp.noise_multiplier, main_dp.max_grad_norm, steps=main_dp.steps,
+                                 device=fed.device, **common)
     return sample_level_audit(0.0, dp.max_grad_norm or 1.0, steps=s.local_steps, accountant="rdp", **common)
 
 

@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import Config, batch_sampling
+from fedpeft.devices import client_device
 from fedpeft.validation import config_from_run_config
 from fedpeft.environment import quiet_environment
 from fedpeft.privacy import Accountant, create_accountant
@@ -117,7 +118,8 @@ class ClientHandlers:
     def setup(self, context: Context) -> tuple[Config, Runtime, int]:
         quiet_environment()
         conf = self.cfg if self.cfg is not None else config_from_run_config(context.run_config)
-        rt = runtime(conf, threads=conf.federation.client_threads)
+        fed = conf.federation
+        rt = runtime(conf, threads=fed.client_threads, device=client_device(fed.device, fed.engine, fed.client_gpus))
         return conf, rt, int(context.node_config[PARTITION_ID])
 
     def query(self, msg: Message, context: Context) -> Message:
@@ -147,6 +149,7 @@ class ClientHandlers:
             secret=secret_source(job.conf.dp) if job.dp is not None else None,
             optimizer=t.optimizer,
             momentum=t.momentum,
+            dtype=job.conf.model.dtype,
         )
         return self.reply_train(msg, context, job, metrics, rt.model.payload())
 
@@ -193,7 +196,8 @@ class ClientHandlers:
         rt.model.set_payload(payload)
         split, _ = rt.splits
         sub = split.subset(rt.shards[cid])
-        result = evaluate(rt.model.model, sub, task=rt.model.task, batch_size=conf.train.eval_batch_size)
+        result = evaluate(rt.model.model, sub, task=rt.model.task, batch_size=conf.train.eval_batch_size,
+                          dtype=conf.model.dtype)
         reply = RecordDict({METRICS: MetricRecord({**result, NUM_EXAMPLES: len(sub), PARTITION_ID: cid})})
         return Message(reply, reply_to=msg)
 

@@ -58,6 +58,7 @@ def train_together(handlers: ClientHandlers, messages: Sequence[Message], contex
         sampling=batch_sampling(conf),
         optimizer=t.optimizer,
         momentum=t.momentum,
+        dtype=conf.model.dtype,
         trainable=rt.strategy.trainable,
     )
     return [handlers.reply_train(msg, ctx, job, result.metrics, result.payload)

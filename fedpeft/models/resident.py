@@ -2,7 +2,10 @@
 
 Each Flower message swaps an adapter payload into this model instead of
 building a new one, so a worker pays the model load once per run, not once
-per round (DESIGN.md, "Principles").
+per round (DESIGN.md, "Principles"). The model moves to its device once, at
+load; payloads stay numpy arrays on the host, converted at the boundary
+(:meth:`ResidentModel.set_payload` copies them onto the device,
+:meth:`ResidentModel.payload` copies them back).
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ class ResidentModel:
     initial: Payload | None = None  # the seeded initial adapter, before any payload was swapped in
     originals: dict = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live."""
+        return next(self.model.parameters()).device
 
     def set_payload(self, payload: Payload, trainable: Callable[[str], dict[str, bool]] | None = None) -> None:
         """Load a payload into the model.
@@ -73,7 +81,8 @@ class ResidentModel:
                 self.originals[module] = weight.detach().clone()
             new = self.originals[module]
             if module in residuals:
-                new = new + torch.from_numpy(np.asarray(residuals[module], dtype=np.float32))
+                residual = torch.from_numpy(np.asarray(residuals[module], dtype=np.float32))
+                new = new + residual.to(new.device)
             weight.data.copy_(new)
 
     def payload(self) -> Payload:
@@ -139,6 +148,10 @@ class ResidentSpec:
         The head, trained in full (empty: the model's default head).
     seed : int
         Seeds the initial adapter and head.
+    device : str
+        Where the model lives ("cpu", "cuda:0", ...: a resolved device, see
+        :func:`fedpeft.devices.resolve`). The model is built on the CPU from
+        the seed, then moved, so its initial state is the same on every device.
     """
 
     model: str
@@ -153,6 +166,7 @@ class ResidentSpec:
     rslora: bool
     modules_to_save: tuple[str, ...]
     seed: int
+    device: str = "cpu"
 
 
 _CACHE: dict[ResidentSpec, ResidentModel] = {}
@@ -188,6 +202,7 @@ def load_resident_model(spec: ResidentSpec) -> ResidentModel:
         seed=spec.seed,
         head_modules=tuple(spec.modules_to_save) or model_spec.head_modules,
     )
+    model.to(torch.device(spec.device))
     resident = ResidentModel(
         model=model, tokenizer=tokenizer, task=model_spec.task, scalings=module_scalings(model), total_params=total,
         rank=spec.rank,
@@ -198,4 +213,4 @@ def load_resident_model(spec: ResidentSpec) -> ResidentModel:
 
 def frozen_fingerprint(model) -> dict[str, np.ndarray]:
     """Copies of every frozen parameter, to prove training never touched them."""
-    return {n: p.detach().clone().numpy() for n, p in model.named_parameters() if not p.requires_grad}
+    return {n: p.detach().cpu().numpy().copy() for n, p in model.named_parameters() if not p.requires_grad}

@@ -185,8 +185,25 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
     whether a record was present.
     """
     for p in optimizer.params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
+
+
+def grad_samples_to_param_dtype(optimizer: DPOptimizer) -> None:
+    """Cast each parameter's per-sample gradients to the parameter's dtype (float32) before clipping.
+
+    Under bfloat16 autocast opacus's grad samplers compute per-sample
+    gradients in bfloat16 (the dtype of the backpropagated activations), and
+    ``DPOptimizer`` would take each example's norm, and so its clipping
+    factor, in bfloat16 (8 bits of mantissa: norms off by up to 0.4%). The
+    clipping bound the accountant relies on is computed in float32 instead.
+    """
+    for p in optimizer.params:
+        gs = getattr(p, "grad_sample", None)
+        if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:
+            p.grad_sample = gs.to(p.dtype)
+        elif isinstance(gs, list):
+            p.grad_sample = [g.to(p.dtype) for g in gs]
 
 
 def private_steps(optimizer: DPOptimizer, schedule: Iterable[np.ndarray],
@@ -206,5 +223,6 @@ def private_steps(optimizer: DPOptimizer, schedule: Iterable[np.ndarray],
             continue
         loss = loss_of(indices)
         loss.backward()
+        grad_samples_to_param_dtype(optimizer)
         optimizer.step()
         yield float(loss.detach())

@@ -79,10 +79,17 @@ class SecretSource:
         spawn = (_purpose_code(purpose), *(int(k) for k in key))
         return np.random.default_rng(np.random.SeedSequence(entropy=self.entropy, spawn_key=spawn))
 
-    def torch_generator(self, purpose: str, *key: int) -> torch.Generator:
-        """A CPU torch generator seeded from :meth:`generator` (opacus's noise source)."""
+    def torch_generator(self, purpose: str, *key: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A torch generator on ``device`` seeded from :meth:`generator` (opacus's noise source).
+
+        opacus draws each noise tensor on its parameter's device from the
+        generator it is given, so the generator must live on that device
+        (torch refuses a CPU generator for a CUDA draw). The seed is the same
+        on every device; the streams CPU and CUDA generators make from it
+        differ, so a user-secret run repeats on the same kind of device.
+        """
         seed = int(self.generator(purpose, *key).integers(0, 2**63 - 1))
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
     def describe(self) -> str:
         """One line for reports: where the protecting randomness came from."""

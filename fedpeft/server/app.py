@@ -132,7 +132,9 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         **run_privacy(plan, flower, history, secret),
         "wall_s": recorder.elapsed(),
         "seed": cfg.federation.seed,
-        "machine": machine_description(),
+        "device": str(rt.model.device),
+        "dtype": cfg.model.dtype,
+        "machine": machine_description(rt.model.device),
         "config": cfg.to_dict(),
     }
     folder.write_summary(summary)

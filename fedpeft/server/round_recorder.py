@@ -25,7 +25,7 @@ def evaluate_global(rt: Runtime, state) -> dict[str, float]:
     rt.model.set_payload(global_payload(state))
     _, test = rt.splits
     return evaluate(rt.model.model, test, task=rt.model.task, batch_size=rt.cfg.train.eval_batch_size,
-                    limit=rt.cfg.data.max_test_examples)
+                    limit=rt.cfg.data.max_test_examples, dtype=rt.cfg.model.dtype)
 
 
 def _client_accuracy(log_) -> dict[str, Any]:

@@ -39,10 +39,14 @@ def new_output_folder(out: str | Path | None, default: Path, option: str = "out"
     return target
 
 
-def machine_description() -> str:
+def machine_description(device=None) -> str:
+    """The machine in one line; with a CUDA ``device``, its GPU too."""
     import torch
 
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    text = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    if device is not None and torch.device(device).type == "cuda":
+        text += f", {torch.cuda.get_device_name(torch.device(device))} GPU (CUDA {torch.version.cuda})"
+    return f"{text}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def write_json(path: Path, obj: Any) -> None:

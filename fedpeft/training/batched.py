@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedpeft.devices import autocast, model_device
 from fedpeft.models.resident import ResidentModel
 from fedpeft.models.stacked_lora import StackedLoRA
 from fedpeft.training.batches import EncodedSplit
@@ -40,14 +41,15 @@ class ClientResult:
 def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Sequence[np.ndarray],
                           seeds: Sequence[int], payloads: Sequence[Payload], *, task: str, steps: int,
                           batch_size: int, lr: float, weight_decay: float, sampling: str = "shuffle",
-                          optimizer: str = "adamw", momentum: float = 0.0,
+                          optimizer: str = "adamw", momentum: float = 0.0, dtype: str = "float32",
                           trainable: Callable[[str], dict[str, bool]] | None = None) -> list[ClientResult]:
     """Train K clients together; client k starts from ``payloads[k]`` and draws its batches from ``seeds[k]``.
 
     Each client's losses and final payload equal those of :func:`train_steps`
     run on it alone (to float rounding), with the same ``steps``,
     ``batch_size``, ``lr``, ``weight_decay``, ``sampling``, ``optimizer`` and
-    ``momentum``. Dropout must be off (``model.dropout = 0`` and
+    ``momentum``, on the model's device and, with ``dtype = "bfloat16"``,
+    under the same autocast. Dropout must be off (``model.dropout = 0`` and
     ``peft.dropout = 0``). The resident model is left in eval mode, its own
     adapter holding the last client's received payload.
 
@@ -66,6 +68,7 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
                   for c in stack.clients]
     losses: list[list[float]] = [[] for _ in stack.clients]
     net = model.model
+    device = model_device(net)
     net.train()
     try:
         with stack.applied():
@@ -74,11 +77,12 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
                 active = [k for k, idx in enumerate(chosen) if len(idx) > 0]  # an empty Poisson draw takes no step
                 if not active:
                     continue
-                batch = stacked_batch(split, chosen, task)
+                batch = stacked_batch(split, chosen, task, device)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                per_client = client_losses(logits, batch, task, len(chosen))
+                with autocast(device, dtype):
+                    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    per_client = client_losses(logits, batch, task, len(chosen))
                 # The sum, not the mean: each client's gradient is its own mean loss's gradient.
                 per_client[active].sum().backward()
                 for k in active:
@@ -100,14 +104,16 @@ def check_no_dropout(net: torch.nn.Module) -> None:
         raise ValueError(f"batched training needs dropout off (model.dropout = 0, peft.dropout = 0); found {where}")
 
 
-def stacked_batch(split: EncodedSplit, index_lists: Sequence[np.ndarray], task: str) -> dict[str, torch.Tensor]:
+def stacked_batch(split: EncodedSplit, index_lists: Sequence[np.ndarray], task: str,
+                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """K clients' micro-batches as one batch of K blocks with the same rows and length.
 
     Each client's block is :meth:`EncodedSplit.batch` of its indices, padded
     on the right to the longest example of any client and with filler rows
     to the largest block. A filler row attends to one pad token (so
     attention is defined and nothing becomes NaN), has ``weight`` 0 and,
-    for a causal LM, no counted label.
+    for a causal LM, no counted label. Built on the host, returned on
+    ``device`` (None = the CPU).
     """
     blocks = [split.batch(idx, task) if len(idx) else None for idx in index_lists]
     rows = max(len(idx) for idx in index_lists)
@@ -133,8 +139,9 @@ def stacked_batch(split: EncodedSplit, index_lists: Sequence[np.ndarray], task: 
         else:
             labels[c, :n] = b["labels"]
         weight[c, :n] = 1.0
-    return {"input_ids": ids.flatten(0, 1), "attention_mask": mask.flatten(0, 1), "labels": labels.flatten(0, 1),
-            "weight": weight.flatten()}
+    out = {"input_ids": ids.flatten(0, 1), "attention_mask": mask.flatten(0, 1), "labels": labels.flatten(0, 1),
+           "weight": weight.flatten()}
+    return out if device is None else {k: v.to(device) for k, v in out.items()}
 
 
 def client_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str, k: int) -> torch.Tensor:

@@ -37,12 +37,13 @@ class EncodedSplit:
         return EncodedSplit(ids=tuple(self.ids[i] for i in idx), labels=self.labels[idx], pad_id=self.pad_id,
                             loss_starts=starts)
 
-    def batch(self, indices, task: str) -> dict[str, torch.Tensor]:
+    def batch(self, indices, task: str, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Pad the chosen examples to their longest and build the model inputs.
 
         For a causal LM the labels are the input ids with padding (and the
         tokens before ``loss_starts``) masked (-100), so the model's own
-        shifted next-token loss applies.
+        shifted next-token loss applies. The arrays are built on the host
+        and the tensors land on ``device`` (the model's; None = the CPU).
         """
         seqs = [self.ids[i] for i in indices]
         width = max(len(s) for s in seqs)
@@ -60,6 +61,8 @@ class EncodedSplit:
             out["labels"] = torch.from_numpy(np.where(counted, ids, -100))
         else:
             out["labels"] = torch.from_numpy(self.labels[np.asarray(indices)])
+        if device is not None:
+            out = {k: v.to(device) for k, v in out.items()}
         return out
 
 

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 import numpy as np
 import torch
 
+from fedpeft.devices import autocast, fork_rng, model_device
 from fedpeft.privacy.dp_sgd import DPSGD, dp_optimizer, grad_sample_module, per_sample_loss, poisson_batches, private_steps
 from fedpeft.privacy.secret import OS_SECRET, SecretSource
 from fedpeft.training.batches import EncodedSplit
@@ -69,9 +70,14 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentu
 def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, batch_size: int, lr: float,
                 weight_decay: float, seed: int, sampling: str = "shuffle", dp: DPSGD | None = None,
                 secret: SecretSource | None = None, optimizer: str = "adamw", momentum: float = 0.0,
-                step_losses: list[float] | None = None) -> dict[str, float]:
+                dtype: str = "float32", step_losses: list[float] | None = None) -> dict[str, float]:
     """Run ``steps`` optimizer steps (``"adamw"``, or ``"sgd"`` with ``momentum``) on the trainable
     parameters; returns train metrics.
+
+    Everything runs on the model's device: batches, optimizer state and the
+    DP noise. ``dtype`` is ``model.dtype``: ``"bfloat16"`` runs the forward
+    pass under autocast; the backward pass, the weights and (under DP) the
+    clipped per-sample gradients stay float32.
 
     Without ``dp``, batches and dropout depend only on ``seed``, so a
     client's work is reproducible whichever worker process runs it.
@@ -84,6 +90,7 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
     mechanism's randomness can subtract it. ``step_losses``, when given,
     receives the loss of every step taken (empty draws take none).
     """
+    device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
     if dp is not None:
@@ -92,17 +99,19 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
                               secret=secret)
     model.train()
     losses = []
-    with torch.random.fork_rng(devices=[]), ExitStack() as stack:
-        torch.manual_seed(seed)
+    with fork_rng(device), ExitStack() as stack:
+        torch.manual_seed(seed)  # dropout masks, on the CPU and on CUDA alike
         if dp is not None:
             forward = stack.enter_context(grad_sample_module(model))
             # Divide by the configured batch size (q * n when n >= it), a public
             # constant: a divisor that depends on the shard would itself leak.
-            optimizer = dp_optimizer(optimizer, dp, batch_size, secret.torch_generator("dp-sgd-noise", seed))
+            noise = secret.torch_generator("dp-sgd-noise", seed, device=device)
+            optimizer = dp_optimizer(optimizer, dp, batch_size, noise)
 
             def private_loss(batch_idx):
-                batch = split.batch(batch_idx, task)
-                return per_sample_loss(forward(batch["input_ids"], batch["attention_mask"]), batch, task).mean()
+                batch = split.batch(batch_idx, task, device)
+                with autocast(device, dtype):
+                    return per_sample_loss(forward(batch["input_ids"], batch["attention_mask"]), batch, task).mean()
 
             losses = [loss for loss in private_steps(optimizer, schedule, private_loss) if loss is not None]
         else:
@@ -110,7 +119,8 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
                 if len(batch_idx) == 0:  # an empty Poisson draw
                     continue
                 optimizer.zero_grad(set_to_none=True)
-                loss, _ = _forward_loss(model, split.batch(batch_idx, task), task)
+                with autocast(device, dtype):
+                    loss, _ = _forward_loss(model, split.batch(batch_idx, task, device), task)
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
@@ -127,12 +137,15 @@ def train_metrics(losses: list[float], schedule: list[np.ndarray]) -> dict[str, 
 
 
 @torch.inference_mode()
-def evaluate(model, split: EncodedSplit, *, task: str, batch_size: int, limit: int = 0) -> dict[str, float]:
+def evaluate(model, split: EncodedSplit, *, task: str, batch_size: int, limit: int = 0,
+             dtype: str = "float32") -> dict[str, float]:
     """Accuracy and mean loss (plus perplexity for a causal LM) on ``split``.
 
     Examples are batched by length so padding costs little; the result does not
-    depend on the order.
+    depend on the order. Batches go to the model's device; ``dtype``
+    (``model.dtype``) ``"bfloat16"`` runs the forward passes under autocast.
     """
+    device = model_device(model)
     n = len(split) if limit <= 0 else min(limit, len(split))
     lengths = split.lengths()[:n]
     order = np.argsort(lengths, kind="stable")
@@ -140,8 +153,9 @@ def evaluate(model, split: EncodedSplit, *, task: str, batch_size: int, limit: i
     model.eval()
     loss_sum = correct = count = 0.0
     for start in range(0, n, batch_size):
-        batch = split.batch(order[start : start + batch_size], task)
-        loss, logits = _forward_loss(model, batch, task)
+        batch = split.batch(order[start : start + batch_size], task, device)
+        with autocast(device, dtype):
+            loss, logits = _forward_loss(model, batch, task)
         if task == "causal_lm":
             targets = batch["labels"][:, 1:]
             valid = targets != -100

@@ -105,14 +105,16 @@ def invert_text_embeddings(model, tokenizer, observed: Mapping[str, object], lab
     if num_tokens < 3:
         raise ValueError("num_tokens counts [CLS] and [SEP]; it must be at least 3")
     start = time.perf_counter()
-    target = as_tensors(observed)
     table = model.get_input_embeddings().weight.detach()
-    allowed = candidate_token_mask(tokenizer)
+    device = table.device  # the search runs where the model lives
+    target = as_tensors(observed, device)
+    allowed = candidate_token_mask(tokenizer).to(device)
     cls = table[tokenizer.cls_token_id][None]
     sep = table[tokenizer.sep_token_id][None]
     mean, std = table[allowed].mean(0), table[allowed].std(0)
-    labels = torch.tensor([label])
-    mask = torch.ones(1, num_tokens, dtype=torch.long)
+    labels = torch.tensor([label], device=device)
+    mask = torch.ones(1, num_tokens, dtype=torch.long, device=device)
+    # The random starts come from a CPU generator, so they do not depend on the device.
     gen = torch.Generator().manual_seed(seed)
 
     def match_loss(z: torch.Tensor, create_graph: bool) -> torch.Tensor:
@@ -180,7 +182,7 @@ def _refine(tokens: list[int], options: list[list[int]], token_loss, loss: float
 
 def _one_restart(match_loss, mean, std, shape, gen, iterations, lr) -> tuple[torch.Tensor, float]:
     """One Adam run from a random point near the vocabulary's mean embedding."""
-    z = (mean + std * torch.randn(shape, generator=gen)).requires_grad_(True)
+    z = (mean + std * torch.randn(shape, generator=gen).to(mean.device)).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)

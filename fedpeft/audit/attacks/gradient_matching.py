@@ -121,9 +121,9 @@ def l2_distance(g: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor
     return sum((g[k] - target[k]).pow(2).sum() for k in target)
 
 
-def as_tensors(observed: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """An observed payload (arrays by wire key) as float32 tensors."""
-    return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in observed.items()}
+def as_tensors(observed: Mapping[str, object], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """An observed payload (arrays by wire key) as float32 tensors on ``device`` (None = the CPU)."""
+    return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32, device=device) for k, v in observed.items()}
 
 
 def image_loss(model: nn.Module, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -56,14 +56,14 @@ class EmbeddingCandidates:
     def from_model(cls, model, positions: int) -> "EmbeddingCandidates":
         emb = find_embeddings(model)
         with torch.no_grad():
-            w = emb.word_embeddings.weight.double().numpy()
-            c = (emb.position_embeddings.weight[:positions] + emb.token_type_embeddings.weight[0]).double().numpy()
+            w = emb.word_embeddings.weight.double().cpu().numpy()
+            c = (emb.position_embeddings.weight[:positions] + emb.token_type_embeddings.weight[0]).double().cpu().numpy()
         ln = emb.LayerNorm
         return cls(
             word_c=w - w.mean(1, keepdims=True),
             ctx_c=c - c.mean(1, keepdims=True),
-            gamma=ln.weight.detach().double().numpy(),
-            beta=ln.bias.detach().double().numpy(),
+            gamma=ln.weight.detach().double().cpu().numpy(),
+            beta=ln.bias.detach().double().cpu().numpy(),
             eps=float(ln.eps),
         )
 
