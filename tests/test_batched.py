@@ -142,6 +142,27 @@ def test_float32_adamw_matches_sequential_to_float32_rounding(rt):
     assert_same(seq, together, update_rtol=3e-3, initial=payloads)
 
 
+def test_bfloat16_autocast_batching_costs_less_than_bfloat16_itself(rt):
+    """Under ``model.dtype = "bfloat16"`` the matmuls round differently batched and alone; that must stay below
+    what bfloat16 changes against float32, per client, in each loss and in the whole update."""
+    payloads = [random_payload(rt.model.initial, s) for s in (1, 3)]
+    split, _ = rt.splits
+    shards, seeds = shards_of(rt, (10, 3)), [11, 33]
+    kw = dict(task=rt.model.task, **TRAIN)
+    bf16 = sequential(rt.model, split, shards, seeds, payloads, dtype="bfloat16", **kw)
+    f32 = sequential(rt.model, split, shards, seeds, payloads, dtype="float32", **kw)
+    together = train_clients_batched(rt.model, split, shards, seeds, payloads, dtype="bfloat16", **kw)
+
+    def distance(x, y):
+        return np.sqrt(sum(np.sum((x[k] - y[k]) ** 2) for k in y))
+
+    for (_, alone, losses), (_, full, full_losses), result in zip(bf16, f32, together):
+        np.testing.assert_allclose(result.losses, losses, rtol=2e-2, atol=1e-3)
+        batching = distance(result.payload.arrays(), alone.arrays())
+        precision = distance(full.arrays(), alone.arrays())
+        assert 0 < batching < precision, (batching, precision)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_sgd_with_momentum_matches_sequential(rt, dtype):
     payloads = [random_payload(rt.model.initial, s) for s in (4, 5, 6)]
