@@ -102,10 +102,61 @@ def bench_dp_step(cfg: Config, repeats: int = 5) -> dict[str, float]:
     return {"batch_size": size, "plain_step_s": plain, "dp_step_s": private, "dp_over_plain": private / plain}
 
 
+def bench_batched(cfg: Config, clients: int = 8, steps: int = 3) -> dict[str, float]:
+    """``clients`` clients' local steps trained together (the batched engine) vs one after another.
+
+    Both train the same clients from the same payload for ``steps`` steps of
+    ``train.batch_size`` with dropout off (the batched path needs it off);
+    each is timed after one untimed warm-up step. The ratio is clients x steps
+    per second, batched over sequential.
+    """
+    from fedpeft.runtime import runtime
+    from fedpeft.training import train_steps
+    from fedpeft.training.batched import train_clients_batched
+
+    cfg = load_config(cfg, ["model.dropout=0.0", "peft.dropout=0.0"])
+    rt = runtime(cfg)
+    split, _ = rt.splits
+    shards = [rt.shards[k % len(rt.shards)] for k in range(clients)]
+    seeds = list(range(clients))
+    payload = rt.model.initial
+    t = cfg.train
+    kw = dict(task=rt.model.task, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
+              momentum=t.momentum)
+
+    def sequential(n_steps):
+        for shard, seed in zip(shards, seeds):
+            rt.model.set_payload(payload)
+            train_steps(rt.model.model, split, shard, steps=n_steps, seed=seed, **kw)
+
+    def batched(n_steps):
+        train_clients_batched(rt.model, split, shards, seeds, [payload] * clients, steps=n_steps, **kw)
+
+    sequential(1)
+    batched(1)
+    seq_s = _best_of(lambda: sequential(steps), 1)
+    batched_s = _best_of(lambda: batched(steps), 1)
+    rt.model.set_payload(payload)
+    work = clients * steps
+    return {
+        "model": cfg.model.name,
+        "clients": clients,
+        "steps": steps,
+        "batch_size": t.batch_size,
+        "max_length": cfg.model.max_length,
+        "sequential_s": seq_s,
+        "batched_s": batched_s,
+        "sequential_client_steps_per_s": work / seq_s,
+        "batched_client_steps_per_s": work / batched_s,
+        "batched_vs_sequential_speedup": seq_s / batched_s,
+    }
+
+
 BENCHMARKS: dict[str, Callable[[Config], dict[str, float]]] = {
     "resident_model": bench_resident_model,
     "payload_bytes": bench_payload_bytes,
     "dp_step": bench_dp_step,
+    "batched": bench_batched,
 }
 
 

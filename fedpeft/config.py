@@ -39,8 +39,11 @@ class FederationConfig:
     clients_per_round: int = _f(0, "clients sampled each round (0 = all)", min=0)
     num_rounds: int = _f(6, "federated rounds", min=1)
     seed: int = _f(0, "seed for sampling, initialisation and local batches", min=0)
-    engine: str = _f("simulation", "simulation (Flower + Ray workers) or inprocess (same apps, direct calls)",
-                     choices=("simulation", "inprocess"))
+    engine: str = _f("simulation", "simulation (Flower + Ray workers), inprocess (same apps, direct calls) or batched "
+                                   "(in-process; each round's sampled clients train together in one batched pass)",
+                     choices=("simulation", "inprocess", "batched"))
+    batch_clients: int = _f(0, "engine = batched: clients trained together per pass, to bound memory (0 = all sampled "
+                               "clients of the round)", min=0)
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
     client_threads: int = _f(1, "torch threads in each client worker", min=1)
     client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")

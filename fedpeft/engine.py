@@ -8,6 +8,10 @@
   delivered by a direct call in this process. No Ray start-up and one resident
   model for every client, so short runs and large sweeps are faster; clients
   run one after another (torch uses all cores for each).
+* ``batched``: in-process too, but each round's sampled clients train
+  together: their adapters stacked over the one resident base, one batched
+  forward and backward pass per local step, in chunks of
+  ``federation.batch_clients`` (``fedpeft.server.batched_grid``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def run_engine(cfg: Config, out: Path, on_round=None, resume: bool = False) -> d
     """
     if cfg.federation.engine == "inprocess":
         return run_inprocess_engine(cfg, out, on_round, resume)
+    if cfg.federation.engine == "batched":
+        return run_batched_engine(cfg, out, on_round, resume)
     return run_simulation_engine(cfg, out, on_round, resume)
 
 
@@ -39,6 +45,15 @@ def run_inprocess_engine(cfg: Config, out: Path, on_round=None, resume: bool = F
     from fedpeft.server.inprocess_grid import InProcessGrid
 
     return run_federation(InProcessGrid(make_client_app(cfg), cfg.federation.num_clients), cfg, out, on_round, resume)
+
+
+def run_batched_engine(cfg: Config, out: Path, on_round=None, resume: bool = False) -> dict[str, Any]:
+    quiet_environment()
+    from fedpeft.client import make_client_app
+    from fedpeft.server.app import run_federation
+    from fedpeft.server.batched_grid import BatchedGrid
+
+    return run_federation(BatchedGrid(make_client_app(cfg), cfg), cfg, out, on_round, resume)
 
 
 def run_simulation_engine(cfg: Config, out: Path, on_round=None, resume: bool = False) -> dict[str, Any]:

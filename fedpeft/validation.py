@@ -47,6 +47,11 @@ def validate(cfg: Config) -> None:
             f"federation.clients_per_round = {fed.clients_per_round} exceeds "
             f"federation.num_clients = {fed.num_clients}; use a value in 0..{fed.num_clients} (0 = all)"
         )
+    if fed.batch_clients and fed.engine != "batched":
+        raise ConfigError(
+            f"federation.batch_clients = {fed.batch_clients} sizes the batched engine's passes; set "
+            f"federation.engine = 'batched' (now {fed.engine!r}) or federation.batch_clients = 0"
+        )
     validate_device(cfg)
     spec = validate_model(cfg)
     validate_data(cfg, spec.task)

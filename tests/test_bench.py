@@ -13,6 +13,8 @@ KEYS = {
     "resident_model": {"model", "adapter_swap_s", "model_rebuild_s", "rebuild_over_swap"},
     "payload_bytes": {"lora_payload_bytes", "full_model_bytes", "full_over_lora"},
     "dp_step": {"batch_size", "plain_step_s", "dp_step_s", "dp_over_plain"},
+    "batched": {"model", "clients", "steps", "batch_size", "max_length", "sequential_s", "batched_s",
+                "sequential_client_steps_per_s", "batched_client_steps_per_s", "batched_vs_sequential_speedup"},
 }
 
 
@@ -35,6 +37,10 @@ def test_bench_runs_every_benchmark_and_writes_its_ratios(tmp_path, fedpeft_cli)
     assert resident["rebuild_over_swap"] == pytest.approx(resident["model_rebuild_s"] / resident["adapter_swap_s"])
     assert dp["dp_over_plain"] == pytest.approx(dp["dp_step_s"] / dp["plain_step_s"])
     assert dp["batch_size"] == 4
+    batched = bench["batched"]
+    assert (batched["clients"], batched["steps"], batched["batch_size"]) == (8, 3, 4)
+    assert batched["batched_vs_sequential_speedup"] == pytest.approx(batched["sequential_s"] / batched["batched_s"])
+    assert batched["batched_client_steps_per_s"] == pytest.approx(8 * 3 / batched["batched_s"])
     # The byte counts are the model's own: its float32 trainable tensors vs every base-model parameter.
     from fedpeft.validation import load_config
     from fedpeft.runtime import runtime

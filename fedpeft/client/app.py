@@ -12,6 +12,8 @@ Handlers:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -88,6 +90,20 @@ def client_seed(seed: int, server_round: int, client_id: int) -> int:
     return int(seed) * 1_000_003 + int(server_round) * 10_007 + int(client_id)
 
 
+@dataclass
+class TrainJob:
+    """One decoded train message: whose it is, what it received, and how it must train."""
+
+    conf: Config
+    rt: Runtime
+    cid: int
+    received: dict  # the arrays as sent, by key
+    payload: Payload
+    seed: int
+    dp: DPSGD | None
+    accountant: Accountant | None
+
+
 class ClientHandlers:
     """The ClientApp's message handlers for one config (or, without one, each message's run config).
 
@@ -114,35 +130,48 @@ class ClientHandlers:
 
     def train(self, msg: Message, context: Context) -> Message:
         """Local steps from the received adapter; replies with what the strategy uploads."""
-        conf, rt, cid = self.setup(context)
-        config = msg.content[CONFIG]
-        server_round = int(config[SERVER_ROUND])
-        received = from_array_record(msg.content[ARRAYS])
-        payload = Payload.from_arrays(received, scalings_of(config))
-        rt.model.set_payload(payload, trainable=rt.strategy.trainable)
+        job = self.prepare_train(msg, context)
+        rt, t = job.rt, job.conf.train
+        rt.model.set_payload(job.payload, trainable=rt.strategy.trainable)
         split, _ = rt.splits
-        shard = rt.shards[cid]
-        t = conf.train
-        dp, accountant = _dp_training(conf, config, context)
         metrics = train_steps(
             rt.model.model,
             split,
-            shard,
+            rt.shards[job.cid],
             task=rt.model.task,
             steps=t.local_steps,
             batch_size=t.batch_size,
             lr=t.lr,
             weight_decay=t.weight_decay,
-            seed=client_seed(conf.federation.seed, server_round, cid),
-            sampling=batch_sampling(conf),
-            dp=dp,
-            secret=secret_source(conf.dp) if dp is not None else None,
+            seed=job.seed,
+            sampling=batch_sampling(job.conf),
+            dp=job.dp,
+            secret=secret_source(job.conf.dp) if job.dp is not None else None,
             optimizer=t.optimizer,
             momentum=t.momentum,
-            dtype=conf.model.dtype,
+            dtype=job.conf.model.dtype,
         )
+        return self.reply_train(msg, context, job, metrics, rt.model.payload())
+
+    def prepare_train(self, msg: Message, context: Context) -> TrainJob:
+        """What a train message asks of this client, decoded; nothing is trained or loaded into the model yet."""
+        conf, rt, cid = self.setup(context)
+        config = msg.content[CONFIG]
+        received = from_array_record(msg.content[ARRAYS])
+        dp, accountant = _dp_training(conf, config, context)
+        return TrainJob(conf=conf, rt=rt, cid=cid, received=received,
+                        payload=Payload.from_arrays(received, scalings_of(config)),
+                        seed=client_seed(conf.federation.seed, int(config[SERVER_ROUND]), cid), dp=dp,
+                        accountant=accountant)
+
+    def reply_train(self, msg: Message, context: Context, job: TrainJob, metrics: dict[str, float],
+                    local: Payload) -> Message:
+        """The reply to a train message once ``job`` trained to ``local``: accounting, what DP lets out, the upload."""
+        conf, rt, cid = job.conf, job.rt, job.cid
+        dp, accountant = job.dp, job.accountant
+        shard = rt.shards[cid]
         if accountant is not None:
-            accountant.step(dp.noise_multiplier, dp.sample_rate, t.local_steps)
+            accountant.step(dp.noise_multiplier, dp.sample_rate, conf.train.local_steps)
             context.state[ACCOUNTANT] = ConfigRecord(accountant.state_dict())
         if conf.dp.mode != "none":
             # Only what the mechanism covers leaves the client: the loss and the Poisson
@@ -150,15 +179,14 @@ class ClientHandlers:
             metrics = {STEPS: metrics[STEPS]}
         if accountant is not None:
             metrics.update({DP_EPSILON: accountant.epsilon(conf.dp.delta), DP_STEPS: accountant.steps})
-        local = rt.model.payload()
         update = ClientUpdate(client_id=str(cid), factors=local.factors, num_examples=len(shard), extras=local.extras)
         if conf.dp.mode == "client":
             # Flower's clipping pairs the reply's arrays with the ones sent, key by key.
             mine = local.arrays()
-            sent = {k: mine[k] for k in received}
+            sent = {k: mine[k] for k in job.received}
         else:
             sent = rt.strategy.upload_arrays(update)
-        metrics.update({NUM_EXAMPLES: len(shard), PARTITION_ID: cid})
+        metrics = {**metrics, NUM_EXAMPLES: len(shard), PARTITION_ID: cid}
         return Message(RecordDict({ARRAYS: to_array_record(sent), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     def evaluate(self, msg: Message, context: Context) -> Message:

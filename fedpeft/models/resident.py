@@ -61,7 +61,7 @@ class ResidentModel:
             self._layer(module).scaling["default"] = float(f.scaling)
             self.scalings[module] = float(f.scaling)
         load_trainable_state(self.model, to_peft_state(Payload(factors=padded, extras=payload.extras)))
-        self._set_residuals(payload.residuals)
+        self.set_residuals(payload.residuals)
         for module in payload.factors:
             parts = trainable(module) if trainable else {"A": True, "B": True}
             layer = self._layer(module)
@@ -71,7 +71,8 @@ class ResidentModel:
     def _layer(self, module: str):
         return self.model.get_submodule(PREFIX + module)
 
-    def _set_residuals(self, residuals) -> None:
+    def set_residuals(self, residuals) -> None:
+        """Make each frozen base weight ``W0 + residuals[module]`` (``W0`` where none is given)."""
         # Residuals are absolute (W = W0 + R), so keep a pristine W0 of every
         # module that ever got one and rebuild from it each time.
         for module in set(self.originals) | set(residuals):

@@ -38,6 +38,26 @@ def batch_schedule(indices: np.ndarray, steps: int, batch_size: int, rng: np.ran
     return out
 
 
+def local_schedule(indices, *, steps: int, batch_size: int, seed: int, sampling: str = "shuffle",
+                   dp: DPSGD | None = None, secret: SecretSource | None = None) -> list[np.ndarray]:
+    """The example indices of each of a client's ``steps`` local steps (an empty array: an empty Poisson draw).
+
+    The one place a client's data order is decided, so sequential
+    (:func:`train_steps`) and batched training
+    (:func:`fedpeft.training.batched.train_clients_batched`) see the same
+    batches. Without ``dp`` the order depends only on ``seed``; with ``dp``
+    the Poisson draws come from ``secret`` (the OS CSPRNG when None), never
+    from the public seed.
+    """
+    if dp is not None:
+        secret = secret or OS_SECRET
+        return poisson_batches(indices, steps, dp.sample_rate, secret.generator("dp-sgd-batches", seed))
+    rng = np.random.default_rng(seed)
+    if sampling == "poisson":
+        return poisson_batches(indices, steps, min(1.0, batch_size / len(indices)), rng)
+    return batch_schedule(indices, steps, batch_size, rng)
+
+
 def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentum: float = 0.0) -> torch.optim.Optimizer:
     """The local optimizer ``train.optimizer`` names, fresh for each round (no state crosses rounds)."""
     if name == "sgd":
@@ -50,7 +70,7 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentu
 def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, batch_size: int, lr: float,
                 weight_decay: float, seed: int, sampling: str = "shuffle", dp: DPSGD | None = None,
                 secret: SecretSource | None = None, optimizer: str = "adamw", momentum: float = 0.0,
-                dtype: str = "float32") -> dict[str, float]:
+                dtype: str = "float32", step_losses: list[float] | None = None) -> dict[str, float]:
     """Run ``steps`` optimizer steps (``"adamw"``, or ``"sgd"`` with ``momentum``) on the trainable
     parameters; returns train metrics.
 
@@ -67,19 +87,16 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
     clipping and noise on Poisson batches at ``dp.sample_rate``), and the
     Poisson draws and the noise come from ``secret`` (the OS CSPRNG when
     None), never from ``seed``: the seed is public, and whoever knows a
-    mechanism's randomness can subtract it.
+    mechanism's randomness can subtract it. ``step_losses``, when given,
+    receives the loss of every step taken (empty draws take none).
     """
-    rng = np.random.default_rng(seed)
     device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
     if dp is not None:
         secret = secret or OS_SECRET
-        schedule = poisson_batches(indices, steps, dp.sample_rate, secret.generator("dp-sgd-batches", seed))
-    elif sampling == "poisson":
-        schedule = poisson_batches(indices, steps, min(1.0, batch_size / len(indices)), rng)
-    else:
-        schedule = batch_schedule(indices, steps, batch_size, rng)
+    schedule = local_schedule(indices, steps=steps, batch_size=batch_size, seed=seed, sampling=sampling, dp=dp,
+                              secret=secret)
     model.train()
     losses = []
     with fork_rng(device), ExitStack() as stack:
@@ -108,6 +125,13 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
                 optimizer.step()
                 losses.append(float(loss.detach()))
     model.eval()
+    if step_losses is not None:
+        step_losses.extend(losses)
+    return train_metrics(losses, schedule)
+
+
+def train_metrics(losses: list[float], schedule: list[np.ndarray]) -> dict[str, float]:
+    """A client's train metrics: its mean step loss (nan if it took no step), steps and mean batch size."""
     return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(schedule)),
             "mean_batch_size": float(np.mean([len(b) for b in schedule]))}
 

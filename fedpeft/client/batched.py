@@ -1,0 +1,65 @@
+"""Several clients' train messages handled in one batched pass (``federation.engine = "batched"``).
+
+Each message is decoded and answered by the same :class:`ClientHandlers`
+steps as a message trained alone (``prepare_train`` and ``reply_train``:
+the same seeds, DP redaction and upload); only the local steps in between
+run for all of them at once, through
+:func:`fedpeft.training.batched.train_clients_batched`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flwr.app import Context, Message
+
+from fedpeft.client.app import ClientHandlers
+from fedpeft.config import Config, batch_sampling
+from fedpeft.training.batched import train_clients_batched
+
+
+def batched_unsupported(conf: Config) -> str:
+    """Why ``conf``'s clients cannot train batched yet ("" if they can); such messages train one by one."""
+    if conf.dp.mode == "sample":
+        return "sample-level DP (per-example clipping per client) is not batched yet"
+    if conf.dp.mode == "client" and conf.dp.clip_on == "client":
+        return "client-side clipping runs as a ClientApp mod, which the batched path bypasses"
+    if conf.model.dropout > 0 or conf.peft.dropout > 0:
+        return "dropout needs each client's own random stream, which is not batched yet"
+    return ""
+
+
+def train_together(handlers: ClientHandlers, messages: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
+    """Replies to train ``messages`` (one per client, with its node's ``contexts``), trained in one pass.
+
+    The replies equal those of ``handlers.train`` on each message alone, to
+    float rounding. All messages must share one config, so one resident
+    model serves them.
+    """
+    jobs = [handlers.prepare_train(msg, ctx) for msg, ctx in zip(messages, contexts)]
+    if not jobs:
+        return []
+    conf, rt = jobs[0].conf, jobs[0].rt
+    if any(job.rt is not rt for job in jobs):
+        raise ValueError("batched train messages must share one run config")
+    t = conf.train
+    split, _ = rt.splits
+    results = train_clients_batched(
+        rt.model,
+        split,
+        [rt.shards[job.cid] for job in jobs],
+        [job.seed for job in jobs],
+        [job.payload for job in jobs],
+        task=rt.model.task,
+        steps=t.local_steps,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        sampling=batch_sampling(conf),
+        optimizer=t.optimizer,
+        momentum=t.momentum,
+        dtype=conf.model.dtype,
+        trainable=rt.strategy.trainable,
+    )
+    return [handlers.reply_train(msg, ctx, job, result.metrics, result.payload)
+            for msg, ctx, job, result in zip(messages, contexts, jobs, results)]

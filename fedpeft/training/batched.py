@@ -1,0 +1,164 @@
+"""Local steps of K clients in one forward and backward pass over a shared frozen base.
+
+:func:`train_clients_batched` reproduces, client for client, what
+:func:`fedpeft.training.loop.train_steps` does when the clients train one
+after another: the same batches (:func:`local_schedule` from each client's
+seed), a fresh optimizer per client over its own tensors, and a loss whose
+gradient for each client is that client's own mean-loss gradient. Only the
+arithmetic is shared: each step stacks the K clients' micro-batches into one
+batch and runs the adapters side by side (:class:`StackedLoRA`).
+
+Not covered yet (callers fall back to sequential training): DP-SGD and
+dropout (base-model or LoRA), which need per-client per-example gradients
+and per-client random streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedpeft.devices import autocast, model_device
+from fedpeft.models.resident import ResidentModel
+from fedpeft.models.stacked_lora import StackedLoRA
+from fedpeft.training.batches import EncodedSplit
+from fedpeft.training.loop import local_schedule, make_optimizer, train_metrics
+from strategies import Payload
+
+
+@dataclass
+class ClientResult:
+    """One client's outcome: the metrics :func:`train_steps` returns, what it uploads, and each step's loss."""
+
+    metrics: dict[str, float]
+    payload: Payload
+    losses: list[float]
+
+
+def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Sequence[np.ndarray],
+                          seeds: Sequence[int], payloads: Sequence[Payload], *, task: str, steps: int,
+                          batch_size: int, lr: float, weight_decay: float, sampling: str = "shuffle",
+                          optimizer: str = "adamw", momentum: float = 0.0, dtype: str = "float32",
+                          trainable: Callable[[str], dict[str, bool]] | None = None) -> list[ClientResult]:
+    """Train K clients together; client k starts from ``payloads[k]`` and draws its batches from ``seeds[k]``.
+
+    Each client's losses and final payload equal those of :func:`train_steps`
+    run on it alone (to float rounding), with the same ``steps``,
+    ``batch_size``, ``lr``, ``weight_decay``, ``sampling``, ``optimizer`` and
+    ``momentum``, on the model's device and, with ``dtype = "bfloat16"``,
+    under the same autocast. Dropout must be off (``model.dropout = 0`` and
+    ``peft.dropout = 0``). The resident model is left in eval mode, its own
+    adapter holding the last client's received payload.
+
+    Returns
+    -------
+    list of ClientResult
+        In the order of ``shards``.
+    """
+    if not len(shards) == len(seeds) == len(payloads):
+        raise ValueError(f"got {len(shards)} shards, {len(seeds)} seeds and {len(payloads)} payloads; one each per client")
+    check_no_dropout(model.model)
+    stack = StackedLoRA(model, payloads, trainable=trainable)
+    schedules = [local_schedule(shard, steps=steps, batch_size=batch_size, seed=seed, sampling=sampling)
+                 for shard, seed in zip(shards, seeds)]
+    optimizers = [make_optimizer(optimizer, c.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum)
+                  for c in stack.clients]
+    losses: list[list[float]] = [[] for _ in stack.clients]
+    net = model.model
+    device = model_device(net)
+    net.train()
+    try:
+        with stack.applied():
+            for step in range(steps):
+                chosen = [schedule[step] for schedule in schedules]
+                active = [k for k, idx in enumerate(chosen) if len(idx) > 0]  # an empty Poisson draw takes no step
+                if not active:
+                    continue
+                batch = stacked_batch(split, chosen, task, device)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                with autocast(device, dtype):
+                    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    per_client = client_losses(logits, batch, task, len(chosen))
+                # The sum, not the mean: each client's gradient is its own mean loss's gradient.
+                per_client[active].sum().backward()
+                for k in active:
+                    optimizers[k].step()
+                    losses[k].append(float(per_client[k].detach()))
+    finally:
+        net.eval()
+    return [ClientResult(metrics=train_metrics(losses[k], schedules[k]), payload=stack.clients[k].payload(),
+                         losses=losses[k]) for k in range(len(stack))]
+
+
+def check_no_dropout(net: torch.nn.Module) -> None:
+    """Refuse a model whose training forward is random (batched clients share one random stream)."""
+    active = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    config = getattr(net, "config", None)
+    attention = float(getattr(config, "attention_dropout", 0.0) or 0.0) if config is not None else 0.0
+    if active or attention > 0:
+        where = active[0] if active else f"attention_dropout = {attention}"
+        raise ValueError(f"batched training needs dropout off (model.dropout = 0, peft.dropout = 0); found {where}")
+
+
+def stacked_batch(split: EncodedSplit, index_lists: Sequence[np.ndarray], task: str,
+                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """K clients' micro-batches as one batch of K blocks with the same rows and length.
+
+    Each client's block is :meth:`EncodedSplit.batch` of its indices, padded
+    on the right to the longest example of any client and with filler rows
+    to the largest block. A filler row attends to one pad token (so
+    attention is defined and nothing becomes NaN), has ``weight`` 0 and,
+    for a causal LM, no counted label. Built on the host, returned on
+    ``device`` (None = the CPU).
+    """
+    blocks = [split.batch(idx, task) if len(idx) else None for idx in index_lists]
+    rows = max(len(idx) for idx in index_lists)
+    width = max(b["input_ids"].shape[1] for b in blocks if b is not None)
+    k = len(index_lists)
+    ids = torch.full((k, rows, width), split.pad_id, dtype=torch.int64)
+    mask = torch.zeros((k, rows, width), dtype=torch.int64)
+    mask[:, :, 0] = 1
+    weight = torch.zeros((k, rows))
+    if task == "causal_lm":
+        labels = torch.full((k, rows, width), -100, dtype=torch.int64)
+    else:
+        labels = torch.zeros((k, rows), dtype=torch.int64)
+    for c, b in enumerate(blocks):
+        if b is None:
+            continue
+        n, t = b["input_ids"].shape
+        ids[c, :n, :t] = b["input_ids"]
+        mask[c, :n] = 0
+        mask[c, :n, :t] = b["attention_mask"]
+        if task == "causal_lm":
+            labels[c, :n, :t] = b["labels"]
+        else:
+            labels[c, :n] = b["labels"]
+        weight[c, :n] = 1.0
+    out = {"input_ids": ids.flatten(0, 1), "attention_mask": mask.flatten(0, 1), "labels": labels.flatten(0, 1),
+           "weight": weight.flatten()}
+    return out if device is None else {k: v.to(device) for k, v in out.items()}
+
+
+def client_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str, k: int) -> torch.Tensor:
+    """Each client block's mean loss, shape ``(K,)``: what :func:`train_steps` computes on that client's batch alone.
+
+    Classification: the mean cross-entropy over the block's real rows. Causal
+    LM: the mean next-token loss over the block's counted tokens (the
+    model's own shifted loss).
+    """
+    if logits.dtype != torch.float64:  # half-precision logits: the loss in float32, as transformers computes it
+        logits = logits.float()
+    if task == "causal_lm":
+        targets = batch["labels"][:, 1:]
+        token = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
+                                                  ignore_index=-100, reduction="none").view(k, -1)
+        counted = (targets != -100).view(k, -1).to(token.dtype)
+        return (token * counted).sum(1) / counted.sum(1).clamp(min=1.0)
+    row = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none").view(k, -1)
+    weight = batch["weight"].view(k, -1).to(row.dtype)
+    return (row * weight).sum(1) / weight.sum(1).clamp(min=1.0)
