@@ -116,7 +116,8 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
 
         def on_round(line):
             done = line["round"]
-            progress.update(task, completed=done, description=f"round {done}/{rounds}  accuracy {line['accuracy']:.4f}")
+            accuracy = "" if line["accuracy"] is None else f"  accuracy {line['accuracy']:.4f}"  # not evaluated (eval_every)
+            progress.update(task, completed=done, description=f"round {done}/{rounds}{accuracy}")
 
         run_engine(cfg, target, on_round, resume=resume is not None)
     metrics = RunFolder(target).read_metrics()
