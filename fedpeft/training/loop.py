@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from contextlib import ExitStack
 
 import numpy as np
@@ -61,6 +62,10 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
     Poisson draws and the noise come from ``secret`` (the OS CSPRNG when
     None), never from ``seed``: the seed is public, and whoever knows a
     mechanism's randomness can subtract it.
+
+    The returned ``compute_s`` is the wall time of the step loop (forward,
+    backward, optimizer steps and their batches): what a round's time would
+    be without any framework around it. The client keeps it to itself under DP.
     """
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -74,6 +79,7 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
         schedule = batch_schedule(indices, steps, batch_size, rng)
     model.train()
     losses = []
+    started = time.perf_counter()
     with torch.random.fork_rng(devices=[]), ExitStack() as stack:
         torch.manual_seed(seed)
         if dp is not None:
@@ -96,9 +102,10 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
+    compute = time.perf_counter() - started
     model.eval()
     return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(schedule)),
-            "mean_batch_size": float(np.mean([len(b) for b in schedule]))}
+            "mean_batch_size": float(np.mean([len(b) for b in schedule])), "compute_s": compute}
 
 
 @torch.inference_mode()
