@@ -7,7 +7,6 @@ written; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -116,7 +115,8 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
 
         def on_round(line):
             done = line["round"]
-            progress.update(task, completed=done, description=f"round {done}/{rounds}  accuracy {line['accuracy']:.4f}")
+            accuracy = "" if line["accuracy"] is None else f"  accuracy {line['accuracy']:.4f}"  # not evaluated (eval_every)
+            progress.update(task, completed=done, description=f"round {done}/{rounds}{accuracy}")
 
         run_engine(cfg, target, on_round, resume=resume is not None)
     metrics = RunFolder(target).read_metrics()
@@ -128,21 +128,43 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
 def bench(
     name: Optional[List[str]] = typer.Option(None, "--name", "-n", help="Benchmark to run (repeatable; default: all)."),
     set_: Optional[List[str]] = SetOpt,
-    out: Path = typer.Option(Path("bench-results/bench.json"), "--out", "-o", help="Where to write the JSON results."),
+    quick: bool = typer.Option(False, "--quick", help="A small version of every benchmark (minutes, not tens of them)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for bench.json and bench.md (default: "
+                                       "runs/bench-<timestamp>); must be empty or absent."),
 ) -> None:
-    """Run the performance benchmarks; print and write their ratios as JSON."""
+    """Run the performance benchmarks side by side; write bench.json and bench.md, print the table."""
+    import time
+
     from fedpeft.bench import BENCHMARKS, run_benchmarks, write_results
+    from fedpeft.validation import load_config
 
     unknown = [n for n in name or [] if n not in BENCHMARKS]
     if unknown:
         fail(f"--name {unknown[0]!r} is not a benchmark; choose from: {', '.join(BENCHMARKS)}")
     try:
-        results = run_benchmarks(name, set_ or [])
+        load_config(None, set_ or [])  # a bad --set fails here, before anything runs or is written
     except FedPeftError as exc:
         fail(str(exc))
-    write_results(results, out)
-    print(json.dumps(results, indent=2))
-    print(f"written: {out}", file=sys.stderr)
+    target = prepare_out(out, Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if quick else ''}")
+    selected = list(name or BENCHMARKS)
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task("benchmarks", total=len(selected))
+            seen: list[str] = []
+
+            def on_progress(text: str) -> None:
+                bench_name = text.split(":", 1)[0]
+                if bench_name not in seen:
+                    seen.append(bench_name)
+                progress.update(task, completed=len(seen) - 1, description=text)
+
+            results = run_benchmarks(selected, set_ or [], quick=quick, progress=on_progress)
+            progress.update(task, completed=len(selected), description="benchmarks done")
+    except FedPeftError as exc:
+        fail(str(exc))
+    json_path, md_path = write_results(results, target)
+    print(md_path.read_text())
+    print(f"written: {json_path} and {md_path}", file=sys.stderr)
 
 
 @app.command()

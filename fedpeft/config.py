@@ -47,6 +47,11 @@ class FederationConfig:
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
     client_threads: int = _f(1, "torch threads in each client worker", min=1)
     client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")
+    eval_every: int = _f(1, "evaluate the global adapter centrally every k rounds (round 0 and the last round always, "
+                            "in full); 1 = every round", min=1)
+    eval_examples: int = _f(256, "rounds between the first and the last: evaluate on a fixed seeded subset of this many "
+                               "test examples (0 = the whole test set); round 0 and the last round use the whole one",
+                            min=0)
     threads: int = _f(0, "torch threads of the server process, which runs the clients too with engine=inprocess (0 = all cores)", min=0)
     name: str = _f("default", "run name, used in the run folder's name")
     device: str = _f("auto", "where models, batches, optimizers and DP noise live: auto (the first CUDA GPU when there "

@@ -25,7 +25,8 @@ def stop_after_round_one(line):
 
 
 def without_time(lines):
-    return [{k: v for k, v in m.items() if k != "wall_s"} for m in lines]
+    """The metrics lines without their timings (wall clock, clients' step-loop seconds)."""
+    return [{k: v for k, v in m.items() if k not in ("wall_s", "client_compute_s")} for m in lines]
 
 
 SAMPLE_DP = ['dp.mode="sample"', "dp.delta=1e-3", "dp.noise_multiplier=1.5"]

@@ -45,6 +45,8 @@ LAYERS: dict[str, int] = {
     "fedpeft.client": 9,
     "fedpeft.server": 10,
     "fedpeft.engine": 11,
+    "fedpeft.bench_clients": 11,  # the baselines fedpeft.bench measures against: a rebuilding client,
+    "fedpeft.bench_plain_loop": 11,  # a plain one-process FedIT loop
     "fedpeft.audit": 12,
     "fedpeft.sweep": 12,
     "fedpeft.bench": 12,

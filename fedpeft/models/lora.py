@@ -107,14 +107,40 @@ def to_peft_state(payload: Payload) -> dict[str, np.ndarray]:
     return state
 
 
-def load_trainable_state(peft_model: PeftModel, state: Mapping[str, np.ndarray]) -> None:
-    """Copy arrays into the adapter in place; every trainable tensor must be given."""
-    expected = set(get_peft_model_state_dict(peft_model))
+def adapter_tensors(peft_model: PeftModel) -> dict[str, torch.Tensor] | None:
+    """peft's adapter state dict as the model's own parameter tensors (writing into one writes the model),
+    or None where peft hands out copies instead."""
+    live = get_peft_model_state_dict(peft_model)
+    params = {p.data_ptr(): p.shape for p in peft_model.parameters()}
+    if all(params.get(t.data_ptr()) == t.shape for t in live.values()):
+        return live
+    return None
+
+
+def copy_trainable_state(live: Mapping[str, torch.Tensor], state: Mapping[str, np.ndarray]) -> None:
+    """Copy arrays into the tensors of :func:`adapter_tensors` in place; every trainable tensor must be given.
+
+    What :func:`load_trainable_state` does, without peft's walk over every
+    module and parameter of the base model on each call: the resident model
+    swaps a payload in per message, and that walk was most of the swap.
+    """
+    _check_keys(set(live), state)
+    with torch.no_grad():
+        for key, value in state.items():
+            live[key].copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+
+
+def _check_keys(expected: set[str], state: Mapping[str, np.ndarray]) -> None:
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ValueError(
             f"adapter arrays do not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
+
+
+def load_trainable_state(peft_model: PeftModel, state: Mapping[str, np.ndarray]) -> None:
+    """Copy arrays into the adapter in place; every trainable tensor must be given."""
+    _check_keys(set(get_peft_model_state_dict(peft_model)), state)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
     result = set_peft_model_state_dict(peft_model, tensors)
     if getattr(result, "unexpected_keys", None):

@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedpeft.models.lora import PREFIX, attach_lora, load_trainable_state, module_scalings, to_payload, to_peft_state, trainable_state
+from fedpeft.models.lora import (
+    PREFIX,
+    adapter_tensors,
+    attach_lora,
+    copy_trainable_state,
+    load_trainable_state,
+    module_scalings,
+    to_payload,
+    to_peft_state,
+    trainable_state,
+)
 from fedpeft.models.registry import get_model_spec
 from strategies import LoRAFactors, Payload
 
@@ -36,6 +46,7 @@ class ResidentModel:
     initial: Payload | None = None  # the seeded initial adapter, before any payload was swapped in
     originals: dict = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
+    _live: dict = field(default_factory=dict, repr=False)  # the adapter's tensors, found on the first swap
 
     @property
     def device(self) -> torch.device:
@@ -60,13 +71,24 @@ class ResidentModel:
             self.ranks[module] = f.rank
             self._layer(module).scaling["default"] = float(f.scaling)
             self.scalings[module] = float(f.scaling)
-        load_trainable_state(self.model, to_peft_state(Payload(factors=padded, extras=payload.extras)))
+        state = to_peft_state(Payload(factors=padded, extras=payload.extras))
+        live = self._adapter_tensors()
+        if live is not None:
+            copy_trainable_state(live, state)
+        else:
+            load_trainable_state(self.model, state)
         self.set_residuals(payload.residuals)
         for module in payload.factors:
             parts = trainable(module) if trainable else {"A": True, "B": True}
             layer = self._layer(module)
             layer.lora_A["default"].weight.requires_grad_(bool(parts["A"]))
             layer.lora_B["default"].weight.requires_grad_(bool(parts["B"]))
+
+    def _adapter_tensors(self) -> dict | None:
+        """The adapter's parameter tensors by peft state-dict key (found once; None: peft's slower load each time)."""
+        if "live" not in self._live:
+            self._live["live"] = adapter_tensors(self.model)
+        return self._live["live"]
 
     def _layer(self, module: str):
         return self.model.get_submodule(PREFIX + module)

@@ -86,6 +86,8 @@ class RoundLog:
     aggregation_error: float | None = None
     client_accuracy: dict[int, float] | None = None
     epsilon: dict[int, float] = field(default_factory=dict)  # sample-level DP: each trained client's epsilon so far
+    # Seconds the clients spent in their step loops, summed; None under DP, where it stays on the client.
+    compute_s: float | None = None
 
 
 class FlowerLoRAStrategy(FlowerStrategy):
@@ -234,6 +236,8 @@ class FlowerLoRAStrategy(FlowerStrategy):
             updates.append(update)
             losses.append(float(metrics.get("train_loss", np.nan)))
             weights.append(n)
+            if "compute_s" in metrics:
+                log_.compute_s = (log_.compute_s or 0.0) + float(metrics["compute_s"])
         for cid in sorted(set(log_.clients) - answered):  # sampled, but no reply at all
             log_.failed.append(self._failure(cid, "no reply"))
             lost.add(cid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from contextlib import ExitStack
 
 import numpy as np
@@ -89,6 +90,10 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
     None), never from ``seed``: the seed is public, and whoever knows a
     mechanism's randomness can subtract it. ``step_losses``, when given,
     receives the loss of every step taken (empty draws take none).
+
+    The returned ``compute_s`` is the wall time of the step loop (forward,
+    backward, optimizer steps and their batches): what a round's time would
+    be without any framework around it. The client keeps it to itself under DP.
     """
     device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -99,6 +104,7 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
                               secret=secret)
     model.train()
     losses = []
+    started = time.perf_counter()
     with fork_rng(device), ExitStack() as stack:
         torch.manual_seed(seed)  # dropout masks, on the CPU and on CUDA alike
         if dp is not None:
@@ -124,10 +130,11 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
+    compute = time.perf_counter() - started
     model.eval()
     if step_losses is not None:
         step_losses.extend(losses)
-    return train_metrics(losses, schedule)
+    return {**train_metrics(losses, schedule), "compute_s": compute}
 
 
 def train_metrics(losses: list[float], schedule: list[np.ndarray]) -> dict[str, float]:
