@@ -47,6 +47,11 @@ def validate(cfg: Config) -> None:
             f"federation.clients_per_round = {fed.clients_per_round} exceeds "
             f"federation.num_clients = {fed.num_clients}; use a value in 0..{fed.num_clients} (0 = all)"
         )
+    if fed.num_nodes > fed.num_clients:
+        raise ConfigError(
+            f"federation.num_nodes = {fed.num_nodes} exceeds federation.num_clients = {fed.num_clients}; "
+            f"use a value in 0..{fed.num_clients} (0 = min(num_clients, clients per round))"
+        )
     spec = validate_model(cfg)
     validate_data(cfg, spec.task)
     strategy = build_strategy(cfg)

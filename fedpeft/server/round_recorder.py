@@ -111,6 +111,7 @@ class RoundRecorder:
             # Under client-level DP who was sampled is secret (the accountant's amplification rests on it).
             "clients": None if flower.client_dp else (log_.clients if log_ else []),
             "failed": log_.failed if log_ else [],
+            "skipped": log_.skipped if log_ else [],  # sampled clients with no examples
             **(_client_accuracy(log_) if flower.client_eval else {}),
             **round_privacy(self.plan, flower, log_, server_round),
             "wall_s": self.elapsed(),
