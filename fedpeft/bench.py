@@ -101,10 +101,93 @@ def bench_dp_step(cfg: Config, repeats: int = 5) -> dict[str, float]:
     return {"batch_size": size, "plain_step_s": plain, "dp_step_s": private, "dp_over_plain": private / plain}
 
 
+SCALE_WORKLOAD = ('data.partition="iid"', "federation.clients_per_round=10", "federation.num_rounds=3",
+                  "train.local_steps=2", "data.max_test_examples=200", "federation.client_eval=false")
+"""The scale benchmark's federation on top of the given config: a systems test, not a learning one."""
+
+
+def bench_scale(cfg: Config, sizes: tuple[int, ...] = (100, 1000, 10000)) -> dict[str, float]:
+    """Start-up, time per round and peak memory of federations of ``sizes`` clients, one fresh process each.
+
+    Each size runs ``cfg`` (its engine included) with :data:`SCALE_WORKLOAD`
+    and ``federation.num_clients = N`` in a new Python process, so that
+    nothing is cached between sizes and the memory is that one run's:
+
+    * ``clients_{N}_startup_s``: from the process's start to the end of
+      round 0 (data, shards, DP plan, Ray, nodes, models, first evaluation);
+    * ``clients_{N}_round_s``: mean wall time of the rounds after round 0;
+    * ``clients_{N}_peak_rss_mb``: the largest total resident memory of the
+      process and all its descendants (Ray's raylet, GCS and workers
+      included), sampled every 0.2 s with psutil.
+
+    With virtual clients (``federation.num_nodes``) all three should stay
+    flat as ``N`` grows.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    import psutil
+
+    results: dict[str, float] = {}
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix=f"fedpeft-scale-{n}-") as tmp:
+            tables = load_config(cfg, [*SCALE_WORKLOAD, f"federation.num_clients={n}"]).to_dict()
+            child = subprocess.Popen([sys.executable, "-c", "from fedpeft.bench import _scale_run; _scale_run()", tmp],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            child.stdin.write(json.dumps(tables))
+            child.stdin.close()
+            started = psutil.Process(child.pid).create_time()
+            peak = 0
+            while child.poll() is None:
+                peak = max(peak, _tree_rss(child.pid))
+                time.sleep(0.2)
+            stdout, stderr = child.stdout.read(), child.stderr.read()
+            if child.returncode != 0:
+                raise RuntimeError(f"the {n}-client scale run failed (exit {child.returncode}): {stderr[-2000:]}")
+            ends = json.loads(stdout.strip().splitlines()[-1])["round_ends"]
+        results[f"clients_{n}_startup_s"] = ends[0] - started
+        results[f"clients_{n}_round_s"] = (ends[-1] - ends[0]) / (len(ends) - 1)
+        results[f"clients_{n}_peak_rss_mb"] = peak / 2**20
+    return results
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` and all its descendants now (0 once it has gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def _scale_run() -> None:
+    """One :func:`bench_scale` run: the config's tables on stdin, the run folder in argv; prints the round ends."""
+    import sys
+
+    from fedpeft.engine import run_engine
+    from fedpeft.validation import config_from_dict
+
+    cfg = config_from_dict(json.loads(sys.stdin.read()))
+    ends: list[float] = []
+    run_engine(cfg, Path(sys.argv[1]) / "run", on_round=lambda line: ends.append(time.time()))
+    print(json.dumps({"round_ends": ends}))
+
+
 BENCHMARKS: dict[str, Callable[[Config], dict[str, float]]] = {
     "resident_model": bench_resident_model,
     "payload_bytes": bench_payload_bytes,
     "dp_step": bench_dp_step,
+    "scale": bench_scale,
 }
 
 
