@@ -118,7 +118,11 @@ def bench_scale(cfg: Config, sizes: tuple[int, ...] = (100, 1000, 10000)) -> dic
     * ``clients_{N}_round_s``: mean wall time of the rounds after round 0;
     * ``clients_{N}_peak_rss_mb``: the largest total resident memory of the
       process and all its descendants (Ray's raylet, GCS and workers
-      included), sampled every 0.2 s with psutil.
+      included), sampled every 0.2 s with psutil;
+    * ``clients_{N}_startup_cpu_s`` and ``clients_{N}_round_cpu_s``: the
+      same two phases in CPU seconds of that process tree (to the nearest
+      sample), which a machine shared with other jobs stretches far less
+      than wall time.
 
     With virtual clients (``federation.num_nodes``) all three should stay
     flat as ``N`` grows.
@@ -138,9 +142,11 @@ def bench_scale(cfg: Config, sizes: tuple[int, ...] = (100, 1000, 10000)) -> dic
             child.stdin.write(json.dumps(tables))
             child.stdin.close()
             started = psutil.Process(child.pid).create_time()
-            peak = 0
+            peak, samples = 0, []  # (wall time, CPU seconds of the tree so far)
             while child.poll() is None:
-                peak = max(peak, _tree_rss(child.pid))
+                rss, cpu = _tree_usage(child.pid)
+                peak = max(peak, rss)
+                samples.append((time.time(), cpu))
                 time.sleep(0.2)
             stdout, stderr = child.stdout.read(), child.stderr.read()
             if child.returncode != 0:
@@ -149,25 +155,35 @@ def bench_scale(cfg: Config, sizes: tuple[int, ...] = (100, 1000, 10000)) -> dic
         results[f"clients_{n}_startup_s"] = ends[0] - started
         results[f"clients_{n}_round_s"] = (ends[-1] - ends[0]) / (len(ends) - 1)
         results[f"clients_{n}_peak_rss_mb"] = peak / 2**20
+        cpu_at = [_cpu_at(samples, t) for t in ends]
+        results[f"clients_{n}_startup_cpu_s"] = cpu_at[0]
+        results[f"clients_{n}_round_cpu_s"] = (cpu_at[-1] - cpu_at[0]) / (len(ends) - 1)
     return results
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of process ``pid`` and all its descendants now (0 once it has gone)."""
+def _cpu_at(samples: list[tuple[float, float]], when: float) -> float:
+    """The tree's CPU seconds at the first sample taken at or after ``when`` (the last one if none)."""
+    return next((cpu for t, cpu in samples if t >= when), samples[-1][1])
+
+
+def _tree_usage(pid: int) -> tuple[int, float]:
+    """Resident bytes and CPU seconds (user + system) of process ``pid`` and its descendants now."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0.0
+    rss, cpu = 0, 0.0
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            rss += proc.memory_info().rss
+            times = proc.cpu_times()
+            cpu += times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total
+    return rss, cpu
 
 
 def _scale_run() -> None:
