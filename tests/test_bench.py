@@ -17,8 +17,11 @@ KEYS = {
 
 
 def test_bench_runs_every_benchmark_and_writes_its_ratios(tmp_path, fedpeft_cli):
+    """Every benchmark but ``scale``, whose federations of 100 to 10,000 clients take minutes (tested below)."""
     out = tmp_path / "results" / "bench.json"
     args = ["bench", "--out", str(out)]
+    for name in KEYS:
+        args += ["--name", name]
     for o in TINY:
         args += ["--set", o]
     proc = fedpeft_cli(*args, cwd=tmp_path)
@@ -44,6 +47,21 @@ def test_bench_runs_every_benchmark_and_writes_its_ratios(tmp_path, fedpeft_cli)
     base = sum(p.numel() for n, p in rt.model.model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
     assert payload["full_model_bytes"] == 4 * base  # the base model alone: no LoRA factor, no trainable head copy
     assert payload["full_over_lora"] == pytest.approx(payload["full_model_bytes"] / payload["lora_payload_bytes"])
+
+
+def test_bench_scale_measures_each_size_in_its_own_process(tmp_path):
+    from fedpeft.bench import BENCHMARKS, bench_scale
+    from fedpeft.validation import load_config
+
+    assert BENCHMARKS["scale"] is bench_scale
+    cfg = load_config(None, TINY + ['federation.engine="inprocess"', "data.max_test_examples=16"])
+    result = bench_scale(cfg, sizes=(10, 40))
+    phases = ("startup_s", "round_s", "peak_rss_mb", "startup_cpu_s", "round_cpu_s")
+    assert set(result) == {f"clients_{n}_{p}" for n in (10, 40) for p in phases}
+    for n in (10, 40):
+        # A fresh process imports torch and builds a model: well over 100 MB and a CPU second before round 0 ends.
+        assert result[f"clients_{n}_peak_rss_mb"] > 100 and result[f"clients_{n}_startup_cpu_s"] > 1
+        assert result[f"clients_{n}_startup_s"] > result[f"clients_{n}_round_s"] > 0
 
 
 def test_bench_runs_only_the_named_benchmark(tmp_path, fedpeft_cli):
