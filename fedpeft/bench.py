@@ -361,6 +361,111 @@ def _num_labels(cfg: Config) -> int:
     return runtime(cfg).data.num_labels
 
 
+SCALE_WORKLOAD = ('data.partition="iid"', "federation.clients_per_round=10", "federation.num_rounds=3",
+                  "train.local_steps=2", "data.max_test_examples=200", "federation.client_eval=false")
+"""The scale benchmark's federation on top of the given config: a systems test, not a learning one."""
+
+
+def bench_scale(cfg: Config, sizes: tuple[int, ...] = (100, 1000, 10000),
+                ctx: BenchContext | None = None) -> dict[str, Any]:
+    """Start-up, time per round and peak memory of federations of ``sizes`` clients, one fresh process each.
+
+    Each size runs ``cfg`` (its engine included) with :data:`SCALE_WORKLOAD`
+    and ``federation.num_clients = N`` in a new Python process, so that
+    nothing is cached between sizes and the memory is that one run's:
+
+    * ``clients_{N}_startup_s``: from the process's start to the end of
+      round 0 (data, shards, DP plan, Ray, nodes, models, first evaluation);
+    * ``clients_{N}_round_s``: mean wall time of the rounds after round 0;
+    * ``clients_{N}_peak_rss_mb``: the largest total resident memory of the
+      process and all its descendants (Ray's raylet, GCS and workers
+      included), sampled every 0.2 s with psutil;
+    * ``clients_{N}_startup_cpu_s`` and ``clients_{N}_round_cpu_s``: the
+      same two phases in CPU seconds of that process tree (to the nearest
+      sample), which a machine shared with other jobs stretches far less
+      than wall time.
+
+    With virtual clients (``federation.num_nodes``) all three should stay
+    flat as ``N`` grows. A ``--quick`` bench run leaves them out (null, with
+    the reason): three fresh federations take minutes.
+    """
+    if ctx is not None and ctx.quick:
+        reason = ("not run by --quick: the scale benchmark starts three fresh federations of 100 to 10,000 clients "
+                  "(minutes); run `fedpeft bench` or `fedpeft bench --name scale`")
+        return {f"clients_{n}_{what}": None for n in sizes for what in ("peak_rss_mb", "round_s", "startup_s")} | {
+            f"clients_{n}_{what}_reason": reason for n in sizes for what in ("peak_rss_mb", "round_s", "startup_s")}
+    import subprocess
+    import sys
+    import tempfile
+
+    import psutil
+
+    results: dict[str, float] = {}
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix=f"fedpeft-scale-{n}-") as tmp:
+            tables = load_config(cfg, [*SCALE_WORKLOAD, f"federation.num_clients={n}"]).to_dict()
+            child = subprocess.Popen([sys.executable, "-c", "from fedpeft.bench import _scale_run; _scale_run()", tmp],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            child.stdin.write(json.dumps(tables))
+            child.stdin.close()
+            started = psutil.Process(child.pid).create_time()
+            peak, samples = 0, []  # (wall time, CPU seconds of the tree so far)
+            while child.poll() is None:
+                rss, cpu = _tree_usage(child.pid)
+                peak = max(peak, rss)
+                samples.append((time.time(), cpu))
+                time.sleep(0.2)
+            stdout, stderr = child.stdout.read(), child.stderr.read()
+            if child.returncode != 0:
+                raise RuntimeError(f"the {n}-client scale run failed (exit {child.returncode}): {stderr[-2000:]}")
+            ends = json.loads(stdout.strip().splitlines()[-1])["round_ends"]
+        results[f"clients_{n}_startup_s"] = ends[0] - started
+        results[f"clients_{n}_round_s"] = (ends[-1] - ends[0]) / (len(ends) - 1)
+        results[f"clients_{n}_peak_rss_mb"] = peak / 2**20
+        cpu_at = [_cpu_at(samples, t) for t in ends]
+        results[f"clients_{n}_startup_cpu_s"] = cpu_at[0]
+        results[f"clients_{n}_round_cpu_s"] = (cpu_at[-1] - cpu_at[0]) / (len(ends) - 1)
+    return results
+
+
+def _cpu_at(samples: list[tuple[float, float]], when: float) -> float:
+    """The tree's CPU seconds at the first sample taken at or after ``when`` (the last one if none)."""
+    return next((cpu for t, cpu in samples if t >= when), samples[-1][1])
+
+
+def _tree_usage(pid: int) -> tuple[int, float]:
+    """Resident bytes and CPU seconds (user + system) of process ``pid`` and its descendants now."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0.0
+    rss, cpu = 0, 0.0
+    for proc in procs:
+        try:
+            rss += proc.memory_info().rss
+            times = proc.cpu_times()
+            cpu += times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return rss, cpu
+
+
+def _scale_run() -> None:
+    """One :func:`bench_scale` run: the config's tables on stdin, the run folder in argv; prints the round ends."""
+    import sys
+
+    from fedpeft.engine import run_engine
+    from fedpeft.validation import config_from_dict
+
+    cfg = config_from_dict(json.loads(sys.stdin.read()))
+    ends: list[float] = []
+    run_engine(cfg, Path(sys.argv[1]) / "run", on_round=lambda line: ends.append(time.time()))
+    print(json.dumps({"round_ends": ends}))
+
+
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "resident_model": bench_resident_model,
     "payload_bytes": bench_payload_bytes,
@@ -368,6 +473,7 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "client_setup": bench_client_setup,
     "federation": bench_federation,
     "batched": bench_batched,
+    "scale": bench_scale,
 }
 
 

@@ -37,6 +37,9 @@ def _f(default: Any, help: str, **limits: Any) -> Any:
 class FederationConfig:
     num_clients: int = _f(10, "clients in the federation (1 = centralised reference)", min=1)
     clients_per_round: int = _f(0, "clients sampled each round (0 = all)", min=0)
+    num_nodes: int = _f(0, "Flower nodes (SuperNodes) that run the clients: each round's sampled clients are dealt to "
+                           "them in turn, so start-up and memory do not grow with num_clients (0 = min(num_clients, "
+                           "clients per round))", min=0)
     num_rounds: int = _f(6, "federated rounds", min=1)
     seed: int = _f(0, "seed for sampling, initialisation and local batches", min=0)
     engine: str = _f("simulation", "simulation (Flower + Ray workers), inprocess (same apps, direct calls) or batched "
@@ -255,6 +258,12 @@ class Config:
         """Clients sampled each round, with 0 resolved to all of them."""
         n = self.federation.clients_per_round
         return self.federation.num_clients if n == 0 else n
+
+    @property
+    def num_nodes(self) -> int:
+        """Flower nodes that run the clients, with 0 resolved to one per client of a round."""
+        n = self.federation.num_nodes
+        return min(self.federation.num_clients, self.clients_per_round) if n == 0 else n
 
     @property
     def strategy_name(self) -> str:

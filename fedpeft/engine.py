@@ -44,7 +44,7 @@ def run_inprocess_engine(cfg: Config, out: Path, on_round=None, resume: bool = F
     from fedpeft.server.app import run_federation
     from fedpeft.server.inprocess_grid import InProcessGrid
 
-    return run_federation(InProcessGrid(make_client_app(cfg), cfg.federation.num_clients), cfg, out, on_round, resume)
+    return run_federation(InProcessGrid(make_client_app(cfg), cfg.num_nodes), cfg, out, on_round, resume)
 
 
 def run_batched_engine(cfg: Config, out: Path, on_round=None, resume: bool = False) -> dict[str, Any]:
@@ -61,6 +61,8 @@ def run_simulation_engine(cfg: Config, out: Path, on_round=None, resume: bool = 
 
     Ray starts once per call (about 7 s) and keeps one worker per
     ``federation.client_cpus`` cores; each worker loads the model once.
+    Flower runs ``federation.num_nodes`` SuperNodes (not one per client):
+    each message names the client it runs as.
     """
     quiet_environment()
     from flwr.simulation import run_simulation
@@ -75,7 +77,7 @@ def run_simulation_engine(cfg: Config, out: Path, on_round=None, resume: bool = 
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=cfg.federation.num_clients,
+        num_supernodes=cfg.num_nodes,
         backend_config=backend_config,
     )
     if not summaries:

@@ -52,6 +52,11 @@ def validate(cfg: Config) -> None:
             f"federation.batch_clients = {fed.batch_clients} sizes the batched engine's passes; set "
             f"federation.engine = 'batched' (now {fed.engine!r}) or federation.batch_clients = 0"
         )
+    if fed.num_nodes > fed.num_clients:
+        raise ConfigError(
+            f"federation.num_nodes = {fed.num_nodes} exceeds federation.num_clients = {fed.num_clients}; "
+            f"use a value in 0..{fed.num_clients} (0 = min(num_clients, clients per round))"
+        )
     validate_device(cfg)
     spec = validate_model(cfg)
     validate_data(cfg, spec.task)

@@ -52,7 +52,7 @@ def test_bench_quick_writes_every_figure_or_its_reason(tmp_path, fedpeft_cli):
     assert "model.name=tiny-bert" in results["client_setup_speedup"]["smollm2_reason"]
     measured = results["benchmarks"]["client_setup"]
     assert measured["client_setup_speedup"]["tiny-bert"] > 0 and measured["client_round_speedup"]["tiny-bert"] > 0
-    assert "scale" in results["clients_1000_round_s_reason"]
+    assert "--quick" in results["clients_1000_round_s_reason"]  # three fresh federations: left to the full run
     assert results["overhead_fraction"] < 1
     targets = results["targets"]
     assert targets["overhead_fraction"]["met"] == (results["overhead_fraction"] <= 0.15)
@@ -75,6 +75,20 @@ def test_bench_quick_writes_every_figure_or_its_reason(tmp_path, fedpeft_cli):
     assert payload["lora_payload_bytes"] == 4 * rt.model.trainable_params
     base = sum(p.numel() for n, p in rt.model.model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
     assert payload["full_model_bytes"] == 4 * base  # the base model alone: no LoRA factor, no trainable head copy
+
+
+def test_bench_scale_measures_each_size_in_its_own_process(tmp_path):
+    from fedpeft.bench import BENCHMARKS, bench_scale
+
+    assert BENCHMARKS["scale"] is bench_scale
+    cfg = load_config(None, TINY + ["data.max_test_examples=16"])
+    result = bench_scale(cfg, sizes=(10, 40))
+    phases = ("startup_s", "round_s", "peak_rss_mb", "startup_cpu_s", "round_cpu_s")
+    assert set(result) == {f"clients_{n}_{p}" for n in (10, 40) for p in phases}
+    for n in (10, 40):
+        # A fresh process imports torch and builds a model: well over 100 MB and a CPU second before round 0 ends.
+        assert result[f"clients_{n}_peak_rss_mb"] > 100 and result[f"clients_{n}_startup_cpu_s"] > 1
+        assert result[f"clients_{n}_startup_s"] > result[f"clients_{n}_round_s"] > 0
 
 
 def test_bench_runs_only_the_named_benchmark_and_says_why_the_rest_is_null(tmp_path, fedpeft_cli):

@@ -236,7 +236,6 @@ def test_label_histogram(data: TextClassificationData) -> None:
     [
         ({"method": "shards"}, r"data\.partition.*dirichlet.*iid.*natural"),
         ({"num_clients": 0}, r"federation\.num_clients"),
-        ({"num_clients": 20_000}, r"federation\.num_clients"),
         ({"num_clients": 2.5}, r"federation\.num_clients"),
         ({"alpha": 0.0}, r"data\.alpha"),
         ({"alpha": -1.0}, r"data\.alpha"),

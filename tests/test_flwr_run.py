@@ -1,6 +1,6 @@
 """`flwr run .` end to end: Flower's own launcher runs fedpeft's ServerApp and ClientApp
 (README, "`flwr run .`"), and a federation whose node count is not
-``federation.num_clients`` stops with a message saying how to fix it.
+``federation.num_nodes`` stops with a message saying how to fix it.
 
 Each `flwr run` starts a local SuperLink, installs the app and runs Flower's
 simulation (about 2.5 minutes on the 2-core CPU under load), so both are slow.
@@ -85,13 +85,13 @@ def test_flwr_run_with_fewer_nodes_than_clients_stops_and_says_how_to_fix_it(tmp
     out = tmp_path / "run"
     proc = flwr_run(tmp_path, f'{TINY_RUN_CONFIG} federation.num_clients=3 out="{out}"', supernodes=2)
     both = proc.stdout + proc.stderr
-    assert "the federation has 2 nodes but federation.num_clients = 3" in both, both[-3000:]
+    assert "the federation has 2 nodes but federation.num_nodes = 3" in both, both[-3000:]
     assert 'num-supernodes=N' in both
     assert not (out / "summary.json").exists()
 
 
 @pytest.mark.parametrize("nodes", [1, 3])
-def test_a_grid_whose_node_count_is_not_num_clients_is_refused_before_round_one(tmp_path, tiny_federation, nodes):
+def test_a_grid_whose_node_count_is_not_num_nodes_is_refused_before_round_one(tmp_path, tiny_federation, nodes):
     """The same check on the in-process grid (seconds): fewer or more nodes than clients."""
     from fedpeft.client import make_client_app
     from fedpeft.validation import load_config
@@ -100,7 +100,7 @@ def test_a_grid_whose_node_count_is_not_num_clients_is_refused_before_round_one(
 
     cfg = load_config(None, tiny_federation)
     assert cfg.federation.num_clients == 2
-    with pytest.raises(RuntimeError, match=f"the federation has {nodes} nodes but federation.num_clients = 2; "
-                                           "start as many nodes as clients"):
+    with pytest.raises(RuntimeError, match=rf"the federation has {nodes} nodes but federation.num_nodes = 2 "
+                                           r"\(0 means min\(federation.num_clients, clients per round\)\); start that many nodes"):
         run_federation(InProcessGrid(make_client_app(cfg), nodes), cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "summary.json").exists() and not (tmp_path / "run" / "adapter").exists()

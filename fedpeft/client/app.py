@@ -1,9 +1,15 @@
 """Flower ``ClientApp`` (Message API) that trains a client's adapter on its shard.
 
+A node is an executor, a client is data: each train and evaluate message
+names the client it runs as (``wire.CLIENT_ID``), so a few nodes serve any
+number of clients; a message without one runs as the node's own
+``partition-id`` (``flwr run .`` with one SuperNode per client). Nothing
+about a client stays on a node between messages (see :func:`client_accountant`).
+
 Handlers:
 
-* ``query``: replies with the node's partition id, so the server can map
-  Flower's random node ids to fedpeft's client ids and sample reproducibly.
+* ``query``: loads this process's runtime (data, shards, model) before round
+  1 and replies with the number of clients its config partitions the data into.
 * ``train``: swaps the received adapter payload into the resident model,
   runs ``train.local_steps`` steps, replies with exactly the arrays the
   strategy uploads (only trainable tensors), ``num-examples`` and metrics.
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import Config, batch_sampling
@@ -29,6 +35,7 @@ from fedpeft.runtime import Runtime, runtime
 from fedpeft.training import evaluate, train_steps
 from fedpeft.wire import (
     ARRAYS,
+    CLIENT_ID,
     CONFIG,
     DP_EPSILON,
     DP_NOISE_MULTIPLIER,
@@ -36,6 +43,7 @@ from fedpeft.wire import (
     DP_SAMPLE_RATE,
     DP_STEPS,
     METRICS,
+    NUM_CLIENTS,
     NUM_EXAMPLES,
     PARTITION_ID,
     SERVER_ROUND,
@@ -46,30 +54,34 @@ from fedpeft.wire import (
 )
 from strategies import ClientUpdate, Payload
 
-ACCOUNTANT = "dp-accountant"
-"""``Context.state`` key of a client's privacy accountant (sample-level DP)."""
-
-
 RELATION = "replace-one"
 """Sample-level DP's neighbouring relation: a client's shard size is public (weights, q)."""
 
 
-def client_accountant(context: Context, name: str, prior: tuple[float, float, int]) -> Accountant:
-    """This client's accountant, kept in its Flower ``Context.state`` across rounds.
+def client_accountant(name: str, prior: tuple[float, float, int]) -> Accountant:
+    """The client's accountant before this message's steps: ``prior`` rebuilt.
 
-    ``prior`` is ``(sigma, q, steps)`` of the DP-SGD steps the server has on
-    record for this client: a node that lost its state (a resumed run in a
-    fresh process) restarts from that record instead of from zero.
+    ``prior`` is ``(sigma, q, steps)``: the plan's noise multiplier and this
+    client's sample rate, both fixed for the run, and the DP-SGD steps the
+    server has on record for the client (what the client reported, or every
+    step it may have taken when its reply was lost; kept in the checkpoint).
+
+    Rebuilt per message rather than kept on the node or on disk: an
+    accountant stores only its history of ``(sigma, q, steps)`` segments, and
+    with ``sigma`` and ``q`` fixed that history is one segment, so the steps
+    on record determine it, and its epsilon, exactly. Any node can then run
+    any client (a client trains on whichever node its round deals it to)
+    with nothing to write, read or lose for 100,000 clients, and a resumed
+    run or a fresh worker process needs no client files. The record is the
+    server's, as the DP plan and the released epsilon already are; it
+    protects nothing (the noise does), it only counts.
     """
-    saved = context.state.config_records.get(ACCOUNTANT)
-    accountant = create_accountant(name, dict(saved) if saved is not None else None, relation=RELATION)
     sigma, q, steps = prior
-    if accountant.steps < steps:
-        accountant = create_accountant(name, relation=RELATION).step(sigma, q, steps)
-    return accountant
+    accountant = create_accountant(name, relation=RELATION)
+    return accountant.step(sigma, q, steps) if steps else accountant
 
 
-def _dp_training(conf: Config, config, context: Context):
+def _dp_training(conf: Config, config):
     """The DP-SGD mechanism and accountant of this train message (None, None without sample DP).
 
     Sigma and q come from the server's DP plan in the message, never recomputed here.
@@ -81,7 +93,7 @@ def _dp_training(conf: Config, config, context: Context):
                          f"for this client (fedpeft's server sends it with {DP_NOISE_MULTIPLIER!r})")
     sigma = float(config[DP_NOISE_MULTIPLIER])
     q = float(config[DP_SAMPLE_RATE])
-    accountant = client_accountant(context, conf.dp.accountant, (sigma, q, int(config[DP_PRIOR_STEPS])))
+    accountant = client_accountant(conf.dp.accountant, (sigma, q, int(config[DP_PRIOR_STEPS])))
     return DPSGD(sigma, conf.dp.max_grad_norm, q), accountant
 
 
@@ -115,18 +127,32 @@ class ClientHandlers:
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg
 
-    def setup(self, context: Context) -> tuple[Config, Runtime, int]:
+    def setup(self, context: Context) -> tuple[Config, Runtime]:
         quiet_environment()
         conf = self.cfg if self.cfg is not None else config_from_run_config(context.run_config)
         fed = conf.federation
-        rt = runtime(conf, threads=fed.client_threads, device=client_device(fed.device, fed.engine, fed.client_gpus))
-        return conf, rt, int(context.node_config[PARTITION_ID])
+        return conf, runtime(conf, threads=fed.client_threads,
+                             device=client_device(fed.device, fed.engine, fed.client_gpus))
+
+    @staticmethod
+    def client_of(msg: Message, context: Context, rt: Runtime) -> int:
+        """The client ``msg`` runs as: the one it names, else the node's ``partition-id``."""
+        config = msg.content.config_records.get(CONFIG)
+        if config is not None and CLIENT_ID in config:
+            cid = int(config[CLIENT_ID])
+        elif PARTITION_ID in context.node_config:
+            cid = int(context.node_config[PARTITION_ID])
+        else:
+            raise ValueError(f"the message names no client ({CLIENT_ID!r} in its config) and the node has no "
+                             f"{PARTITION_ID!r} in its node config")
+        if not 0 <= cid < len(rt.shards):
+            raise ValueError(f"client {cid} is not in this federation of {len(rt.shards)} clients")
+        return cid
 
     def query(self, msg: Message, context: Context) -> Message:
-        """The node's client id and shard size, so the server can map node ids to clients."""
-        _, rt, cid = self.setup(context)
-        return Message(RecordDict({METRICS: MetricRecord({PARTITION_ID: cid, NUM_EXAMPLES: len(rt.shards[cid])})}),
-                       reply_to=msg)
+        """Build this process's runtime now (not in round 1); reply with the federation size it sees."""
+        _, rt = self.setup(context)
+        return Message(RecordDict({METRICS: MetricRecord({NUM_CLIENTS: len(rt.shards)})}), reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
         """Local steps from the received adapter; replies with what the strategy uploads."""
@@ -155,10 +181,13 @@ class ClientHandlers:
 
     def prepare_train(self, msg: Message, context: Context) -> TrainJob:
         """What a train message asks of this client, decoded; nothing is trained or loaded into the model yet."""
-        conf, rt, cid = self.setup(context)
+        conf, rt = self.setup(context)
+        cid = self.client_of(msg, context, rt)
+        if len(rt.shards[cid]) == 0:  # fedpeft's server never sends one; another server's message fails clearly
+            raise ValueError(f"client {cid} holds no examples and cannot train")
         config = msg.content[CONFIG]
         received = from_array_record(msg.content[ARRAYS])
-        dp, accountant = _dp_training(conf, config, context)
+        dp, accountant = _dp_training(conf, config)
         return TrainJob(conf=conf, rt=rt, cid=cid, received=received,
                         payload=Payload.from_arrays(received, scalings_of(config)),
                         seed=client_seed(conf.federation.seed, int(config[SERVER_ROUND]), cid), dp=dp,
@@ -172,7 +201,6 @@ class ClientHandlers:
         shard = rt.shards[cid]
         if accountant is not None:
             accountant.step(dp.noise_multiplier, dp.sample_rate, conf.train.local_steps)
-            context.state[ACCOUNTANT] = ConfigRecord(accountant.state_dict())
         if conf.dp.mode != "none":
             # Only what the mechanism covers leaves the client: the loss and the Poisson
             # batch sizes are computed from its data without noise.
@@ -191,7 +219,8 @@ class ClientHandlers:
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """The received adapter's accuracy and loss on the client's own shard."""
-        conf, rt, cid = self.setup(context)
+        conf, rt = self.setup(context)
+        cid = self.client_of(msg, context, rt)
         payload = Payload.from_arrays(from_array_record(msg.content[ARRAYS]), scalings_of(msg.content[CONFIG]))
         rt.model.set_payload(payload)
         split, _ = rt.splits

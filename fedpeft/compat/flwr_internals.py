@@ -10,6 +10,10 @@
   :func:`dp_wrapper_class` checks the upstream class still has the hooks
   with the signatures relied on (at import time, so a changed Flower stops
   fedpeft instead of leaving a wrapper whose overrides nobody calls).
+* ``Metadata._message_id``: Flower's grids give a message its id as they send
+  it (the SuperLink its object id, the in-memory grid a UUID), by writing the
+  read-only property's slot; fedpeft's in-process grid does the same with
+  :func:`set_message_id`, so replies refer to what they answer.
 * ``flwr.supercore.task_identity.TaskIdentity``: Flower stamps every new
   ``Message`` from the process's task identity, which its runtimes set;
   fedpeft's in-process grid and the canary audit play the runtime and set
@@ -23,7 +27,7 @@ import inspect
 from flwr.app import ArrayRecord
 
 __all__ = ["DP_WRAPPER_HOOKS", "DPWrapperHooks", "check_dp_wrapper_hooks", "dp_wrapper_class",
-           "set_server_task_identity"]
+           "set_message_id", "set_server_task_identity"]
 
 DP_WRAPPER_HOOKS: dict[str, int] = {
     "_add_noise_to_aggregated_arrays": 1,
@@ -96,3 +100,11 @@ def set_server_task_identity() -> None:
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = 0
     TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
+def set_message_id(message, message_id: str) -> None:
+    """Give ``message`` (a ``flwr.app.Message``) its id, as Flower's grids do when they send it."""
+    if "_message_id" not in message.metadata.__dict__:
+        raise RuntimeError("Flower's Message metadata keeps no _message_id: fedpeft's in-process grid sets it "
+                           "(fedpeft/compat/flwr_internals.py); install the pinned flwr version")
+    message.metadata.__dict__["_message_id"] = message_id

@@ -155,8 +155,9 @@ def make_dp_plan(cfg, shard_sizes: list[int]) -> DPPlan | None:
                       {-1: fed.num_rounds}, n, m)
     check_delta(dp.delta, max(shard_sizes))
     rounds = participation(n, m, fed.seed, fed.num_rounds)
-    rates = {c: min(1.0, cfg.train.batch_size / size) for c, size in enumerate(shard_sizes)}
-    steps = {c: cfg.train.local_steps * rounds[c] for c in range(n)}
+    # A client with no examples is skipped when sampled: it takes no steps (and has no rate to speak of).
+    rates = {c: min(1.0, cfg.train.batch_size / size) if size else 0.0 for c, size in enumerate(shard_sizes)}
+    steps = {c: cfg.train.local_steps * rounds[c] if shard_sizes[c] else 0 for c in range(n)}
     sigma = dp.noise_multiplier
     if target:
         # The noise a client needs grows with its rate: per step count, only the largest rate matters.

@@ -25,36 +25,42 @@ from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload
 from fedpeft.server.privacy_log import restore_wrapper, run_privacy
 from fedpeft.server.round_recorder import RoundRecorder
 from fedpeft.server.run_folder import RunFolder, default_run_dir, machine_description
-from fedpeft.wire import METRICS, PARTITION_ID, to_array_record
+from fedpeft.wire import METRICS, NUM_CLIENTS, to_array_record
 
 OnRound = Callable[[dict[str, Any]], None]
 
 
-def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
-    """Ask every node for its partition id: fedpeft client id -> Flower node id.
+def discover_nodes(grid: Grid, num_nodes: int, num_clients: int, timeout: float = 600.0) -> list[int]:
+    """Ask every node to get ready; returns their Flower node ids, sorted.
 
-    Flower gives simulated nodes random ids; mapping them to partition ids is
-    what makes client sampling reproducible. Answering also makes each worker
-    load its model before round 1, so round timings are not skewed by it.
+    Nodes are executors, not clients: each message names the client it runs
+    as, so this asks the ``num_nodes`` nodes (not every client) once.
+    Answering makes each worker build its data and model before round 1, so
+    round timings are not skewed by it, and says how many clients its config
+    partitions the data into, which must be the server's.
     """
-    node_ids = list(grid.get_node_ids())
-    if len(node_ids) != num_clients:
+    node_ids = sorted(grid.get_node_ids())
+    if len(node_ids) != num_nodes:
         raise RuntimeError(
-            f"the federation has {len(node_ids)} nodes but federation.num_clients = {num_clients}; "
-            "start as many nodes as clients (flwr run: --federation-config \"num-supernodes=N\")"
+            f"the federation has {len(node_ids)} nodes but federation.num_nodes = {num_nodes} "
+            "(0 means min(federation.num_clients, clients per round)); start that many nodes "
+            "(flwr run: --federation-config \"num-supernodes=N\") or set federation.num_nodes"
         )
     messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
-    mapping: dict[int, int] = {}
-    errors = []
+    ready, errors = 0, []
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
             errors.append(reply.error.reason)
             continue
-        mapping[int(reply.content[METRICS][PARTITION_ID])] = reply.metadata.src_node_id
-    if len(mapping) != num_clients:
+        seen = int(reply.content[METRICS][NUM_CLIENTS])
+        if seen != num_clients:
+            raise RuntimeError(f"node {reply.metadata.src_node_id} partitions the data for {seen} clients, the server "
+                               f"for federation.num_clients = {num_clients}: every node must run the server's config")
+        ready += 1
+    if ready != num_nodes:
         detail = f": {errors[0]}" if errors else ""
-        raise RuntimeError(f"only {len(mapping)} of {num_clients} clients answered{detail}")
-    return mapping
+        raise RuntimeError(f"only {ready} of {num_nodes} nodes answered{detail}")
+    return node_ids
 
 
 def _mean_client_accuracy(line: dict[str, Any]) -> float | None:
@@ -83,14 +89,15 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         state = strategy.initialize(initial.factors, extras=initial.extras, client_ranks=ranks)
         progress, history = {"round": 0, "cum_bytes_up": 0, "cum_bytes_down": 0, "wall_s": 0.0}, []
     done = progress["round"]
-    node_ids = discover_clients(grid, cfg.federation.num_clients)
+    nodes = discover_nodes(grid, cfg.num_nodes, cfg.federation.num_clients)
     # Accuracy on a client's own shard is not privatised: under DP it stays on the client.
     client_eval = (cfg.federation.client_eval or strategy.personalised) and plan is None
     dp_progress = progress.get("dp", {})
     secret = secret_source(cfg.dp) if plan is not None else None
-    flower = FlowerLoRAStrategy(strategy, state, node_ids, cfg.clients_per_round, cfg.federation.seed, client_eval, done,
+    flower = FlowerLoRAStrategy(strategy, state, nodes, cfg.clients_per_round, cfg.federation.seed, client_eval, done,
                                 dp_plan=plan, dp_steps=dp_progress.get("steps"), dp_epsilon=dp_progress.get("epsilon"),
-                                secret=secret)
+                                secret=secret, num_clients=cfg.federation.num_clients,
+                                shard_sizes=[len(s) for s in rt.shards])
     outer = flower
     if plan is not None and plan.unit == "client":
         outer = wrap_client_dp(flower, cfg.dp, plan.noise_multiplier, cfg.clients_per_round, flower.private_keys(),

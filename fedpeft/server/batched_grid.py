@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+import uuid
 from collections.abc import Iterable
 
 from flwr.app import Message, MessageType
@@ -24,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fedpeft.client.app import ClientHandlers
 from fedpeft.client.batched import batched_unsupported, train_together
+from fedpeft.compat.flwr_internals import set_message_id
 from fedpeft.config import Config
 from fedpeft.server.inprocess_grid import InProcessGrid
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class BatchedGrid(InProcessGrid):
-    """Nodes ``1..num_clients`` in this process; train messages of a round train together.
+    """Nodes ``1..federation.num_nodes`` in this process; train messages of a round train together.
 
     Parameters
     ----------
@@ -42,7 +44,7 @@ class BatchedGrid(InProcessGrid):
     """
 
     def __init__(self, client_app: ClientApp, cfg: Config):
-        super().__init__(client_app, cfg.federation.num_clients)
+        super().__init__(client_app, cfg.num_nodes)
         self.handlers = ClientHandlers(cfg)
         self.chunk = cfg.federation.batch_clients
         self.fallback_reason = batched_unsupported(cfg)
@@ -54,6 +56,8 @@ class BatchedGrid(InProcessGrid):
         together = [] if self.fallback_reason else [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
         alone = [m for m in messages if not any(m is t for t in together)]
         replies = dict(zip(map(id, alone), super().send_and_receive(alone, timeout=timeout)))
+        for msg in together:  # as InProcessGrid does for the rest: replies refer to their message by this id
+            set_message_id(msg, uuid.uuid4().hex)
         size = self.chunk or len(together) or 1
         for start in range(0, len(together), size):
             chunk = together[start : start + size]

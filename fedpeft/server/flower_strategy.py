@@ -4,13 +4,21 @@ The fedpeft strategy decides what each client is sent and how updates merge;
 this adapter does the Flower side: seeded client sampling, one message per
 client (payloads may differ per client), turning replies back into
 ``ClientUpdate`` objects, and counting the bytes of every array that crosses
-the wire. Because it is a plain ``flwr.serverapp.strategy.Strategy``, Flower's
+the wire.
+
+Clients are data, nodes are executors (virtual clients, as in pfl-research
+and Flower's large simulations): each message names the client it runs as
+(``wire.CLIENT_ID``) and the round's clients are dealt round-robin to a small
+set of Flower nodes, so nothing here or in Flower grows with the federation
+but the sampling itself. Everything a client keeps across rounds lives on the
+server (the rule's per-client state, ``payload_for``) or in the message (the
+DP-SGD steps on record), so any node can run any client. Because it is a plain ``flwr.serverapp.strategy.Strategy``, Flower's
 own wrappers (differential privacy, robust aggregation) can wrap it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from logging import INFO
 
@@ -24,6 +32,7 @@ from fedpeft.privacy.secret import OS_SECRET, SecretSource
 from fedpeft.sampling import sample_clients, secret_sample_clients
 from fedpeft.wire import (
     ARRAYS,
+    CLIENT_ID,
     CONFIG,
     DP_EPSILON,
     DP_NOISE_MULTIPLIER,
@@ -32,6 +41,7 @@ from fedpeft.wire import (
     DP_STEPS,
     METRICS,
     NUM_EXAMPLES,
+    PARTITION_ID,
     SERVER_ROUND,
     from_array_record,
     nbytes,
@@ -82,6 +92,7 @@ class RoundLog:
     bytes_down: int = 0
     bytes_up: int = 0
     failed: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # sampled clients with no examples: not sent anything
     train_loss: float | None = None
     aggregation_error: float | None = None
     client_accuracy: dict[int, float] | None = None
@@ -99,8 +110,10 @@ class FlowerLoRAStrategy(FlowerStrategy):
         The aggregation rule.
     state : strategies.ServerState
         Its initial state.
-    node_ids : dict[int, int]
-        fedpeft client id (the partition id) -> Flower node id.
+    nodes : sequence of int, or mapping of int to int
+        The Flower node ids that run the clients: each round's clients are
+        dealt to them round-robin (in the order of the sorted node ids). A
+        mapping pins each fedpeft client id to one node instead.
     clients_per_round : int
         Clients sampled each round.
     seed : int
@@ -121,6 +134,12 @@ class FlowerLoRAStrategy(FlowerStrategy):
     secret : fedpeft.privacy.secret.SecretSource, optional
         Client level: the secret source of the client sampling, whose
         amplification the accountant claims (the OS CSPRNG when None).
+    num_clients : int, optional
+        Clients in the federation (default: as many as ``nodes``).
+    shard_sizes : sequence of int, optional
+        Each client's examples (public: the aggregation weights and DP
+        sample rates already reveal them). A sampled client with none is
+        sent nothing and noted in the round's ``skipped`` list.
 
     Notes
     -----
@@ -134,10 +153,11 @@ class FlowerLoRAStrategy(FlowerStrategy):
     may have taken.
     """
 
-    def __init__(self, strategy: LoRAStrategy, state: ServerState, node_ids: dict[int, int], clients_per_round: int,
-                 seed: int, client_eval: bool = False, round_offset: int = 0, dp_plan=None,
+    def __init__(self, strategy: LoRAStrategy, state: ServerState, nodes: Sequence[int] | Mapping[int, int],
+                 clients_per_round: int, seed: int, client_eval: bool = False, round_offset: int = 0, dp_plan=None,
                  dp_steps: dict[int, int] | None = None, dp_epsilon: dict[int, float] | None = None,
-                 secret: SecretSource | None = None):
+                 secret: SecretSource | None = None, *, num_clients: int | None = None,
+                 shard_sizes: Sequence[int] | None = None):
         self.dp_plan = dp_plan
         self.secret = secret or OS_SECRET
         self.dp_steps = {int(c): int(s) for c, s in (dp_steps or {}).items()}
@@ -147,16 +167,23 @@ class FlowerLoRAStrategy(FlowerStrategy):
         self.round_offset = round_offset
         self.strategy = strategy
         self.state = state
-        self.node_ids = dict(node_ids)
+        self.nodes = dict(nodes) if isinstance(nodes, Mapping) else sorted(int(n) for n in nodes)
+        if not self.nodes:
+            raise ValueError("FlowerLoRAStrategy needs at least one node to run the clients on")
+        self.num_clients = int(num_clients if num_clients is not None else len(self.nodes))
+        self.empty = frozenset(int(c) for c in np.flatnonzero(np.asarray(shard_sizes) == 0)) if shard_sizes is not None \
+            else frozenset()
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.rounds: dict[int, RoundLog] = {}
-        self._client_of_node = {n: c for c, n in node_ids.items()}
+        self._pinned_client_of_node = {n: c for c, n in self.nodes.items()} if isinstance(self.nodes, dict) else None
+        self._sent: dict[tuple[str, int], list[tuple[Message, int]]] = {}  # (phase, round) -> (message, client)
         self._sent_steps: dict[tuple[int, int], int] = {}  # (round, client) -> DP-SGD steps on record when sent
 
     def summary(self) -> None:
         log(INFO, "\t├──> fedpeft strategy: %s", self.strategy.describe())
-        log(INFO, "\t└──> clients per round: %d of %d", self.clients_per_round, len(self.node_ids))
+        log(INFO, "\t└──> clients per round: %d of %d, on %d nodes", self.clients_per_round, self.num_clients,
+            len(self.nodes))
 
     def adopt(self, arrays: ArrayRecord) -> None:
         """Client-level DP: take the released (noised) global arrays as the state.
@@ -187,7 +214,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
 
     def sample(self, server_round: int) -> list[int]:
         """The clients of ``server_round``: seeded and public, or secret under client-level DP."""
-        n, m = len(self.node_ids), self.clients_per_round
+        n, m = self.num_clients, self.clients_per_round
         if self.client_dp:
             return secret_sample_clients(n, m, self.secret, server_round)
         return sample_clients(n, m, self.seed, server_round)
@@ -197,29 +224,62 @@ class FlowerLoRAStrategy(FlowerStrategy):
         self.adopt(arrays)
         clients = self.sample(server_round)
         log_ = self.rounds[server_round] = RoundLog(clients=clients)
-        messages = []
-        for cid in clients:
+        log_.skipped = [self._note(cid, "no examples") for cid in clients if cid in self.empty]
+        training = [cid for cid in clients if cid not in self.empty]
+        sent = self._sent[("train", server_round)] = []
+        for cid, node in zip(training, self.placement(training)):
             payload = self.strategy.payload_for(self.state, str(cid))
             log_.bytes_down += payload.nbytes
-            train_config = ConfigRecord({**dict(config), SERVER_ROUND: server_round})
+            train_config = ConfigRecord({**dict(config), SERVER_ROUND: server_round, CLIENT_ID: cid})
             if self.dp_plan is not None and self.dp_plan.unit == "sample":
                 train_config[DP_NOISE_MULTIPLIER] = float(self.dp_plan.noise_multiplier)
                 train_config[DP_SAMPLE_RATE] = float(self.dp_plan.sample_rates[cid])
                 train_config[DP_PRIOR_STEPS] = self._sent_steps[(server_round, cid)] = self.dp_steps.get(cid, 0)
-            messages.append(payload_message(payload, train_config, MessageType.TRAIN, self.node_ids[cid]))
-        return messages
+            sent.append((payload_message(payload, train_config, MessageType.TRAIN, node), cid))
+        return [message for message, _ in sent]
+
+    def placement(self, clients: Sequence[int]) -> list[int]:
+        """The node each of ``clients`` runs on: its pinned node, or dealt round-robin over the nodes."""
+        if isinstance(self.nodes, dict):
+            return [self.nodes[c] for c in clients]
+        return [self.nodes[i % len(self.nodes)] for i in range(len(clients))]
+
+    def _sent_clients(self, phase: str, server_round: int) -> dict[str, int]:
+        """Message id -> client of the messages sent for ``phase`` of ``server_round`` (forgotten after).
+
+        The grid gives each message its id as it sends it, so the ids are read back here, after sending.
+        """
+        sent = self._sent.pop((phase, server_round), [])
+        return {m.metadata.message_id: c for m, c in sent if m.metadata.message_id}
+
+    def _client_of(self, reply: Message, by_id: dict[str, int]) -> int | None:
+        """The fedpeft client a reply answers for: by the message it replies to, else by what it says (None if neither)."""
+        cid = by_id.get(reply.metadata.reply_to_message_id)
+        if cid is not None:
+            return cid
+        if reply.has_content() and METRICS in reply.content and PARTITION_ID in reply.content[METRICS]:
+            return int(reply.content[METRICS][PARTITION_ID])
+        if self._pinned_client_of_node is not None:
+            return self._pinned_client_of_node.get(reply.metadata.src_node_id)
+        return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         log_ = self.rounds.setdefault(server_round, RoundLog())
         updates, losses, weights, answered, lost = [], [], [], set(), set()
+        by_id = self._sent_clients("train", server_round)
         for msg in replies:
-            cid = self._client_of_node.get(msg.metadata.src_node_id, msg.metadata.src_node_id)
-            answered.add(cid)
+            cid = self._client_of(msg, by_id)
             if msg.has_error():
-                log_.failed.append(self._failure(cid, msg.error.reason))
-                lost.add(cid)
+                log_.failed.append(self._failure(cid, msg.error.reason, msg.metadata.src_node_id))
+                if cid is not None:
+                    answered.add(cid)
+                    lost.add(cid)
                 continue
+            if cid is None:
+                log_.failed.append(self._failure(None, "rejected: the reply names no client", msg.metadata.src_node_id))
+                continue
+            answered.add(cid)
             arrays = from_array_record(msg.content[ARRAYS])
             metrics = dict(msg.content[METRICS])
             self._record_spend(cid, metrics)
@@ -238,11 +298,15 @@ class FlowerLoRAStrategy(FlowerStrategy):
             weights.append(n)
             if "compute_s" in metrics:
                 log_.compute_s = (log_.compute_s or 0.0) + float(metrics["compute_s"])
-        for cid in sorted(set(log_.clients) - answered):  # sampled, but no reply at all
+        for cid in sorted(set(log_.clients) - self.empty - answered):  # sent, but no reply at all
             log_.failed.append(self._failure(cid, "no reply"))
             lost.add(cid)
         self._record_lost_spend(server_round, lost)
-        if not updates:
+        if not updates and not log_.failed and not self.client_dp:
+            # Every sampled client was skipped (no examples): the round leaves the model as it was.
+            # (Client-level DP still releases the noised mean of zero updates: who is empty stays unsaid.)
+            return to_array_record(global_payload(self.state).arrays()), MetricRecord({})
+        if not updates and log_.failed:
             reasons = "; ".join(f"client {f.get('client', '?')}: {f['reason']}" for f in log_.failed) or "no replies"
             raise RuntimeError(f"round {server_round}: every client failed ({reasons})")
         if self.client_dp:
@@ -261,9 +325,15 @@ class FlowerLoRAStrategy(FlowerStrategy):
         metrics = MetricRecord({"train_loss": log_.train_loss} if log_.train_loss is not None else {})
         return to_array_record(global_payload(self.state).arrays()), metrics
 
-    def _failure(self, cid, reason: str) -> dict:
-        """A failed client's line in the metrics; under client-level DP without its id (sampling is secret)."""
+    def _note(self, cid, reason: str) -> dict:
+        """A client's line in the metrics; under client-level DP without its id (sampling is secret)."""
         return {"reason": reason} if self.client_dp else {"client": cid, "reason": reason}
+
+    def _failure(self, cid, reason: str, node: int | None = None) -> dict:
+        """A failed client's line; a reply that names no client is told by its node."""
+        if cid is None and not self.client_dp:
+            return {"node": node, "reason": reason}
+        return self._note(cid, reason)
 
     def _record_spend(self, cid, metrics: dict) -> None:
         """Sample level: the client's own account of its steps, rejected replies included."""
@@ -292,21 +362,23 @@ class FlowerLoRAStrategy(FlowerStrategy):
         self.adopt(arrays)
         if not self.client_eval:
             return []
-        messages = []
-        for cid, node in sorted(self.node_ids.items()):
+        clients = [c for c in range(self.num_clients) if c not in self.empty]
+        sent = self._sent[("evaluate", server_round)] = []
+        for cid, node in zip(clients, self.placement(clients)):
             payload = self.strategy.payload_for(self.state, str(cid))
-            config = ConfigRecord({SERVER_ROUND: server_round})
-            messages.append(payload_message(payload, config, MessageType.EVALUATE, node))
-        return messages
+            config = ConfigRecord({SERVER_ROUND: server_round, CLIENT_ID: cid})
+            sent.append((payload_message(payload, config, MessageType.EVALUATE, node), cid))
+        return [message for message, _ in sent]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         log_ = self.rounds.setdefault(server_round, RoundLog())
         accuracies, sizes = {}, {}
+        by_id = self._sent_clients("evaluate", server_round)
         for msg in replies:
-            cid = self._client_of_node.get(msg.metadata.src_node_id, msg.metadata.src_node_id)
+            cid = self._client_of(msg, by_id)
             if msg.has_error():
-                log_.failed.append({"client": cid, "reason": f"evaluate: {msg.error.reason}"})
+                log_.failed.append(self._failure(cid, f"evaluate: {msg.error.reason}", msg.metadata.src_node_id))
                 continue
             metrics = msg.content[METRICS]
             accuracies[int(cid)] = float(metrics["accuracy"])

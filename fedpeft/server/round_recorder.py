@@ -160,6 +160,7 @@ class RoundRecorder:
             "clients": None if flower.client_dp else (log_.clients if log_ else []),
             "failed": log_.failed if log_ else [],
             "client_compute_s": log_.compute_s if log_ else None,
+            "skipped": log_.skipped if log_ else [],  # sampled clients with no examples
             **(_client_accuracy(log_) if flower.client_eval else {}),
             **round_privacy(self.plan, flower, log_, server_round),
             "wall_s": self.elapsed(),
