@@ -21,7 +21,7 @@ import torch
 
 from fedpeft.errors import ConfigError
 
-__all__ = ["DEVICES", "DTYPES", "autocast", "client_device", "cuda_count", "fork_rng", "gpu_share", "model_device",
+__all__ = ["DEVICES", "DTYPES", "autocast", "check_name", "client_device", "cuda_count", "fork_rng", "gpu_share", "model_device",
            "resolve"]
 
 DEVICES = '"auto", "cpu", "cuda" or "cuda:N"'
@@ -55,15 +55,12 @@ def resolve(name: str, key: str = "federation.device") -> torch.device:
         For any other string, for CUDA when this process has none, and for
         ``cuda:N`` beyond the devices it has.
     """
-    text = str(name).strip().lower()
+    text = check_name(name, key)
     if text == "auto":
         return torch.device("cuda:0") if cuda_count() else torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")
-    match = _CUDA.fullmatch(text)
-    if match is None:
-        raise ConfigError(f"{key} = {name!r} is not valid; choose one of: {DEVICES}")
-    index = int(match.group(1) or 0)
+    index = int(_CUDA.fullmatch(text).group(1) or 0)
     count = cuda_count()
     if count == 0:
         raise ConfigError(f"{key} = {name!r}, but torch finds no CUDA device here (torch {torch.__version__}, "
@@ -73,6 +70,19 @@ def resolve(name: str, key: str = "federation.device") -> torch.device:
         raise ConfigError(f"{key} = {name!r} is out of range: this machine has {count} CUDA device(s) ({valid}); "
                           f"choose one of: auto, cpu, cuda, {valid}")
     return torch.device("cuda", index)
+
+
+def check_name(name: str, key: str = "federation.device") -> str:
+    """``name`` normalised, if it is one of :data:`DEVICES` (whether this process has that device or not).
+
+    A simulated client worker checks only this: it sees just the GPUs Ray
+    gave it (``cuda:0`` for its share, none without one), so the server's
+    ``cuda:N`` is not its to resolve (:func:`client_device` picks its device).
+    """
+    text = str(name).strip().lower()
+    if text not in ("auto", "cpu") and _CUDA.fullmatch(text) is None:
+        raise ConfigError(f"{key} = {name!r} is not valid; choose one of: {DEVICES}")
+    return text
 
 
 def client_device(name: str, engine: str, client_gpus: float) -> torch.device:

@@ -19,10 +19,10 @@ from fedpeft.errors import ConfigError
 from fedpeft.privacy.validation import validate_dp
 
 
-def config_from_dict(tables: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from nested tables."""
+def config_from_dict(tables: dict[str, Any], *, role: str = "server") -> Config:
+    """Build and validate a :class:`Config` from nested tables (``role``: see :func:`validate_device`)."""
     cfg = parse_config(tables)
-    validate(cfg)
+    validate(cfg, role=role)
     return cfg
 
 
@@ -34,13 +34,16 @@ def load_config(path: str | Path | Config | None = None, overrides: typing.Seque
     return config_from_dict(config_tables(path, overrides))
 
 
-def config_from_run_config(run_config: typing.Mapping[str, Any]) -> Config:
-    """The validated config of a ``flwr run .`` launch (see :func:`fedpeft.config.run_config_tables`)."""
-    return config_from_dict(run_config_tables(run_config))
+def config_from_run_config(run_config: typing.Mapping[str, Any], *, role: str = "server") -> Config:
+    """The validated config of a ``flwr run .`` launch (see :func:`fedpeft.config.run_config_tables`).
+
+    ``role = "client"`` in a ClientApp: see :func:`validate_device`.
+    """
+    return config_from_dict(run_config_tables(run_config), role=role)
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks and registry look-ups that a single field cannot do."""
+def validate(cfg: Config, *, role: str = "server") -> None:
+    """Cross-field checks and registry look-ups that a single field cannot do (``role``: see :func:`validate_device`)."""
     fed = cfg.federation
     if fed.clients_per_round > fed.num_clients:
         raise ConfigError(
@@ -57,7 +60,7 @@ def validate(cfg: Config) -> None:
             f"federation.num_nodes = {fed.num_nodes} exceeds federation.num_clients = {fed.num_clients}; "
             f"use a value in 0..{fed.num_clients} (0 = min(num_clients, clients per round))"
         )
-    validate_device(cfg)
+    validate_device(cfg, role=role)
     spec = validate_model(cfg)
     validate_data(cfg, spec.task)
     strategy = build_strategy(cfg)
@@ -75,11 +78,22 @@ def validate(cfg: Config) -> None:
     validate_dp(cfg, strategy)
 
 
-def validate_device(cfg: Config) -> None:
-    """``federation.device`` names a device this machine has; ``federation.client_gpus`` fits it and the engine."""
-    from fedpeft.devices import resolve
+def validate_device(cfg: Config, role: str = "server") -> None:
+    """``federation.device`` names a device this machine has; ``federation.client_gpus`` fits it and the engine.
+
+    ``role = "client"`` (a ClientApp reading the run config of ``flwr run .``)
+    checks only that the name is valid: a Ray client worker sees just the GPU
+    share Ray gave it, so the server's ``cuda:N`` may not exist there, and
+    :func:`fedpeft.devices.client_device` picks the worker's device anyway.
+    """
+    from fedpeft.devices import check_name, resolve
 
     fed = cfg.federation
+    if role == "client":
+        check_name(fed.device)
+        return
+    if role != "server":
+        raise ValueError(f"role = {role!r}; choose 'server' or 'client'")
     device = resolve(fed.device)
     if fed.client_gpus > 0 and device.type != "cuda":
         raise ConfigError(f"federation.client_gpus = {fed.client_gpus} reserves GPUs for the client workers, but "

@@ -124,6 +124,23 @@ def test_a_simulated_client_uses_a_gpu_only_with_a_share_of_one(fake_cuda):
     assert devices.client_device("auto", "simulation", 0.5) == torch.device("cpu")
 
 
+def test_a_client_worker_reads_the_servers_gpu_from_the_run_config_without_seeing_it(fake_cuda):
+    """``flwr run .``: each ClientApp validates the run config in a Ray worker that sees one GPU or none."""
+    from fedpeft.validation import config_from_run_config
+
+    run_config = {"federation.device": "cuda:1", "federation.client_gpus": 0.5}
+    fake_cuda(2)
+    assert config_from_run_config(run_config).federation.device == "cuda:1"  # the server sees both GPUs
+    fake_cuda(0)  # the worker's view: CUDA_VISIBLE_DEVICES hides the server's GPUs
+    with pytest.raises(ConfigError, match="no CUDA device here"):
+        config_from_run_config(run_config)
+    cfg = config_from_run_config(run_config, role="client")
+    assert devices.client_device(cfg.federation.device, cfg.federation.engine, cfg.federation.client_gpus).type == "cpu"
+    bad = {**run_config, "federation.device": "gpu"}
+    with pytest.raises(ConfigError, match="federation.device = 'gpu' is not valid"):
+        config_from_run_config(bad, role="client")
+
+
 # --- autocast and batches ---------------------------------------------------------------------
 
 

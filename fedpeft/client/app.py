@@ -129,7 +129,7 @@ class ClientHandlers:
 
     def setup(self, context: Context) -> tuple[Config, Runtime]:
         quiet_environment()
-        conf = self.cfg if self.cfg is not None else config_from_run_config(context.run_config)
+        conf = self.cfg if self.cfg is not None else config_from_run_config(context.run_config, role="client")
         fed = conf.federation
         return conf, runtime(conf, threads=fed.client_threads,
                              device=client_device(fed.device, fed.engine, fed.client_gpus))
@@ -245,7 +245,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
 
 def _clipping_from_run_config(msg: Message, context: Context, call_next):
     """Client-side DP clipping when the config comes from the run config (``flwr run .``)."""
-    mod = client_clipping_mod(config_from_run_config(context.run_config).dp)
+    mod = client_clipping_mod(config_from_run_config(context.run_config, role="client").dp)
     return mod(msg, context, call_next) if mod else call_next(msg, context)
 
 
