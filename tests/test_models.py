@@ -96,6 +96,27 @@ def test_payload_round_trips_through_model_and_array_record(rt):
     rt.model.set_payload(original)
 
 
+def test_a_swap_reaches_the_model_after_its_parameters_get_new_storage():
+    """The payload swap writes into the adapter's parameters found once; ``.double()`` (or ``.to(device)``)
+    gives them new storage, and the swap must still land in what the model computes with."""
+    from fedpeft.models.resident import resident_model
+    from fedpeft.runtime import resident_spec
+
+    cfg = load_config(None, ['model.name="tiny-bert"'])
+    model = resident_model(resident_spec(cfg, 2))
+    first = random_payload(model.payload(), seed=1)
+    model.set_payload(first)  # finds the adapter's parameters
+    model.model.double()
+    second = random_payload(first, seed=2)
+    model.set_payload(second)
+    back = model.payload()
+    for m, f in second.factors.items():
+        np.testing.assert_allclose(back.factors[m].A, f.A, rtol=1e-7)
+        np.testing.assert_allclose(back.factors[m].B, f.B, rtol=1e-7)
+    for k, v in second.extras.items():
+        np.testing.assert_allclose(back.extras[k], v, rtol=1e-7)
+
+
 def test_residual_is_added_to_base_weight_and_removed_again(rt):
     original = rt.model.payload()
     module = sorted(original.factors)[0]

@@ -107,14 +107,23 @@ def to_peft_state(payload: Payload) -> dict[str, np.ndarray]:
     return state
 
 
-def adapter_tensors(peft_model: PeftModel) -> dict[str, torch.Tensor] | None:
-    """peft's adapter state dict as the model's own parameter tensors (writing into one writes the model),
-    or None where peft hands out copies instead."""
+def adapter_tensors(peft_model: PeftModel) -> dict[str, torch.nn.Parameter] | None:
+    """peft's adapter state dict as the model's own parameters (writing into one writes the model),
+    or None where peft hands out copies instead.
+
+    The parameters, not their current tensors: ``model.to(device)`` or
+    ``model.double()`` give a parameter new storage, and a tensor found
+    before would then write nowhere the model reads.
+    """
     live = get_peft_model_state_dict(peft_model)
-    params = {p.data_ptr(): p.shape for p in peft_model.parameters()}
-    if all(params.get(t.data_ptr()) == t.shape for t in live.values()):
-        return live
-    return None
+    by_storage = {p.data_ptr(): p for p in peft_model.parameters()}
+    params = {}
+    for key, tensor in live.items():
+        param = by_storage.get(tensor.data_ptr())
+        if param is None or param.shape != tensor.shape:
+            return None
+        params[key] = param
+    return params
 
 
 def copy_trainable_state(live: Mapping[str, torch.Tensor], state: Mapping[str, np.ndarray]) -> None:
