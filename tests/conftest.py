@@ -103,6 +103,16 @@ def read_run() -> Callable[[Path], tuple[dict, list[dict]]]:
     return read_run_folder
 
 
+# What differs between any two runs of the same config: the wall clock and the clients' step-loop seconds.
+TIMING_KEYS = ("wall_s", "client_compute_s")
+
+
+def without_timings(lines: list[dict]) -> list[dict]:
+    """Metrics lines without their timings, so two runs' lines compare equal when their results do."""
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in lines]
+
+
+
 @pytest.fixture
 def tiny_federation() -> list[str]:
     """Overrides for a federation of seconds (a fresh list: tests may append)."""
@@ -154,4 +164,3 @@ def restore_resident(rt):
         rt.model.set_payload(rt.model.initial)
         rt.model.model.zero_grad(set_to_none=True)
         rt.model.model.eval()
-

@@ -10,16 +10,13 @@ from fedpeft.engine import run_engine
 from fedpeft.server.round_recorder import eval_subset, evaluated_rounds
 from fedpeft.server.run_folder import RunFolder
 from fedpeft.validation import config_from_dict, load_config
+from tests.conftest import without_timings
 
 TEST_EXAMPLES = 24
 TINY = ['model.name="tiny-bert"', "model.max_length=16", 'federation.engine="inprocess"', "federation.num_clients=3",
         "federation.clients_per_round=2", "federation.num_rounds=5", "train.local_steps=2", "train.batch_size=8",
         "data.max_examples_per_client=16", f"data.max_test_examples={TEST_EXAMPLES}", 'data.partition="iid"']
 THINNED = ["federation.eval_every=2", "federation.eval_examples=10"]
-
-
-def without_time(lines):
-    return [{k: v for k, v in m.items() if k not in ("wall_s", "client_compute_s")} for m in lines]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +81,7 @@ def test_a_run_stopped_on_an_unevaluated_round_resumes_to_the_same_result(tmp_pa
     with pytest.raises(Stop):
         run_engine(load_config(None, TINY + THINNED), tmp_path / "cut", on_round=stop_after_round_three)
     resumed = run_engine(config_from_dict(RunFolder(tmp_path / "cut").checkpoint_config()), tmp_path / "cut", resume=True)
-    assert without_time(RunFolder(tmp_path / "cut").read_metrics()) == without_time(thinned)
+    assert without_timings(RunFolder(tmp_path / "cut").read_metrics()) == without_timings(thinned)
     assert resumed["final_accuracy"] == summary["final_accuracy"]
 
 

@@ -9,6 +9,7 @@ import pytest
 from fedpeft.validation import config_from_dict, load_config
 from fedpeft.engine import run_engine
 from fedpeft.server.run_folder import RunFolder
+from tests.conftest import without_timings
 
 TINY = ['federation.engine="inprocess"', "federation.num_clients=3", "federation.clients_per_round=2",
         "federation.num_rounds=3", "train.local_steps=2", "train.batch_size=8", "data.max_examples_per_client=24",
@@ -22,11 +23,6 @@ class Stop(Exception):
 def stop_after_round_one(line):
     if line["round"] == 1:
         raise Stop
-
-
-def without_time(lines):
-    """The metrics lines without their timings (wall clock, clients' step-loop seconds)."""
-    return [{k: v for k, v in m.items() if k not in ("wall_s", "client_compute_s")} for m in lines]
 
 
 SAMPLE_DP = ['dp.mode="sample"', "dp.delta=1e-3", "dp.noise_multiplier=1.5"]
@@ -54,7 +50,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, extra):
     run_engine(resumed_cfg, tmp_path / "cut", resume=True)
     whole, cut = RunFolder(tmp_path / "whole").read_metrics(), RunFolder(tmp_path / "cut").read_metrics()
     assert [m["round"] for m in cut] == [0, 1, 2, 3]
-    assert without_time(cut) == without_time(whole)
+    assert without_timings(cut) == without_timings(whole)
     for name in ("adapter/adapter_model.safetensors", "checkpoint/state/state.safetensors"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     s_whole, s_cut = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "cut"))
@@ -117,6 +113,6 @@ def test_resumed_run_on_the_simulation_engine_equals_uninterrupted_run(tmp_path,
     assert RunFolder(tmp_path / "cut").checkpoint_config()["federation"]["engine"] == "simulation"
     whole_metrics, cut_metrics = RunFolder(tmp_path / "whole").read_metrics(), RunFolder(tmp_path / "cut").read_metrics()
     assert [m["round"] for m in cut_metrics] == [0, 1, 2]
-    assert without_time(cut_metrics) == without_time(whole_metrics)
+    assert without_timings(cut_metrics) == without_timings(whole_metrics)
     for name in ("adapter/adapter_model.safetensors", "checkpoint/state/state.safetensors"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

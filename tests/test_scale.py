@@ -27,6 +27,7 @@ from fedpeft.server.flower_strategy import FlowerLoRAStrategy
 from fedpeft.server.inprocess_grid import InProcessGrid
 from fedpeft.validation import load_config
 from fedpeft.wire import CLIENT_ID, CONFIG, DP_EPSILON, DP_STEPS, METRICS, PARTITION_ID
+from tests.conftest import without_timings
 
 TINY = ['model.name="tiny-bert"', "model.max_length=16", 'federation.engine="inprocess"', "train.local_steps=1",
         "train.batch_size=4", "data.max_test_examples=16", 'data.partition="iid"', "model.dropout=0.0"]
@@ -127,8 +128,7 @@ def test_discovery_asks_the_nodes_not_the_clients(big_runs):
 
 def test_the_number_of_nodes_does_not_change_the_run(big_runs):
     (_, _, two, lines2, out2), (_, _, three, lines3, out3) = big_runs[2], big_runs[3]
-    strip = lambda lines: [{k: v for k, v in m.items() if k not in ("wall_s", "client_compute_s")} for m in lines]  # noqa: E731
-    assert strip(lines2) == strip(lines3)
+    assert without_timings(lines2) == without_timings(lines3)
     for key in ("final_accuracy", "final_loss", "bytes_up", "bytes_down"):
         assert two[key] == three[key], key
     adapter = "adapter/adapter_model.safetensors"
