@@ -172,7 +172,8 @@ def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None
         return results
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     table = summarise(results)
-    (out / "table.md").write_text(render_table(table, sweep, full))
+    paired = None if "epsilons" in sweep else paired_differences(results)
+    (out / "table.md").write_text(render_table(table, sweep, full, paired))
     baselines = {r["majority_baseline"] for r in results if r.get("majority_baseline") is not None}
     baseline = baselines.pop() if len(baselines) == 1 else None
     if "epsilons" in sweep:
@@ -199,7 +200,40 @@ def summarise(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
     return table
 
 
-def render_table(table: dict, sweep: dict, full: bool) -> str:
+def paired_differences(results: list[dict[str, Any]], reference: str | None = None,
+                       confidence: float = 0.95) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each strategy's accuracy minus the reference strategy's, paired by seed, per partition.
+
+    A seed fixes the partition, the initial adapter and the data order, so
+    the paired difference removes what every rule shares (a seed whose split
+    is hard for all of them) and keeps what tells the rules apart. A cell is
+    ``separated`` when the two-sided Student-t interval of the mean
+    difference at ``confidence`` excludes zero (n - 1 degrees of freedom;
+    never with fewer than 2 seeds). ``reference`` defaults to the first
+    strategy of ``results`` (the sweep's first, FedIT in the shipped sweeps).
+    """
+    from scipy.stats import t as student_t
+
+    if not results:
+        return {}
+    reference = reference or results[0]["strategy"]
+    acc = {(r["strategy"], r["partition"], r["seed"]): r["accuracy"] for r in results}
+    cells: dict[tuple[str, str], list[float]] = {}
+    for (strategy, partition, seed), value in acc.items():
+        base = acc.get((reference, partition, seed))
+        if strategy != reference and base is not None:
+            cells.setdefault((strategy, partition), []).append(value - base)
+    out = {}
+    for key, diffs in cells.items():
+        d = np.array(diffs)
+        std = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+        half = float(student_t.ppf(0.5 + confidence / 2, len(d) - 1) * std / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        out[key] = {"mean": float(d.mean()), "std": std, "n": len(d), "half_width": half,
+                    "separated": bool(len(d) > 1 and abs(d.mean()) > half), "reference": reference}
+    return out
+
+
+def render_table(table: dict, sweep: dict, full: bool, paired: dict | None = None) -> str:
     from fedpeft.reporting import format_bytes
 
     strategies = list(dict.fromkeys(k[0] for k in table))
@@ -216,7 +250,32 @@ def render_table(table: dict, sweep: dict, full: bool) -> str:
         lines.append(f"| {s} | " + " | ".join(cells)
                      + f" | {format_bytes(np.mean([r['bytes'] for r in rows]))} | {np.mean([r['wall_s'] for r in rows]):.0f}"
                      + f" | {error} |")
+    if paired:
+        lines += render_paired(paired, strategies, partitions)
     return "\n".join(lines) + "\n"
+
+
+def render_paired(paired: dict, strategies: list[str], partitions: list[str]) -> list[str]:
+    """The paired-difference table under the accuracy table (see :func:`paired_differences`)."""
+    reference = next(iter(paired.values()))["reference"]
+    confidence = "95%"
+    lines = ["", f"Accuracy minus {reference}'s on the same seed (same split, initialisation and data order), "
+             f"mean ± std over seeds; ✓ where the {confidence} t-interval of the mean excludes zero.", "",
+             "| strategy | " + " | ".join(partitions) + " |", "|" + "---|" * (len(partitions) + 1)]
+    for s in strategies:
+        if s == reference:
+            continue
+        cells = []
+        for p in partitions:
+            c = paired.get((s, p))
+            if c is None:
+                cells.append("–")
+            elif c["n"] < 2:  # one seed: a difference, no spread
+                cells.append(f"{c['mean']:+.3f}")
+            else:
+                cells.append(f"{c['mean']:+.3f} ± {c['std']:.3f}{' ✓' if c['separated'] else ''}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_sweep(table: dict, path: Path, baseline: float | None = None) -> None:

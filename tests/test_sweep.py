@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.sweep import partition_overrides, render_table, summarise
+from fedpeft.sweep import paired_differences, partition_overrides, render_table, summarise
 
 
 def test_table_has_a_row_per_strategy_even_without_aggregation_errors():
@@ -21,6 +21,30 @@ def test_table_has_a_row_per_strategy_even_without_aggregation_errors():
     assert len(rows) == 2
     assert rows[0].endswith("| 2.50e-01 |") and rows[1].endswith("| – |")
     assert "0.550 ± 0.071" in rows[1]
+
+
+def test_paired_differences_separate_a_consistent_gain_that_the_seed_spread_hides():
+    # Seeds move every rule together by +-0.1 (a hard or easy split); "steady" gains 0.02 on every
+    # seed, "noisy" gains 0.02 on average but swings by 0.05 between seeds.
+    shift = {0: -0.1, 1: 0.0, 2: 0.1}
+    gain = {"fedit": {0: 0.0, 1: 0.0, 2: 0.0}, "steady": {0: 0.021, 1: 0.019, 2: 0.020},
+            "noisy": {0: 0.07, 1: -0.03, 2: 0.02}}
+    results = [{"strategy": s, "partition": "dirichlet-0.1", "seed": k, "accuracy": 0.6 + shift[k] + gain[s][k],
+                "bytes": 1, "wall_s": 1.0, "aggregation_error": None} for s in gain for k in shift]
+    table = summarise(results)
+    # Unpaired, the gain is a fifth of one seed standard deviation (0.1).
+    assert table[("steady", "dirichlet-0.1")]["std"] > 4 * 0.02
+    paired = paired_differences(results)
+    steady, noisy = paired[("steady", "dirichlet-0.1")], paired[("noisy", "dirichlet-0.1")]
+    assert steady["reference"] == "fedit" and ("fedit", "dirichlet-0.1") not in paired
+    assert steady["mean"] == pytest.approx(0.02) and steady["std"] == pytest.approx(0.001)
+    assert steady["separated"] and not noisy["separated"]
+    text = render_table(table, {"name": "t"}, full=False, paired=paired)
+    assert "| steady | +0.020 ± 0.001 ✓ |" in text
+    assert "| noisy | +0.020 ± 0.050 |" in text
+    # One seed gives no interval: never separated.
+    one = paired_differences([r for r in results if r["seed"] == 0])
+    assert not one[("steady", "dirichlet-0.1")]["separated"]
 
 
 def test_partition_specs():
@@ -87,8 +111,10 @@ def test_sweep_runs_every_cell_and_writes_its_table(whole_sweep):
         assert r["bytes"] == summary["bytes_up"] + summary["bytes_down"]
     # FFA-LoRA keeps A frozen and does not upload it: fewer bytes than FedIT.
     assert results[1]["bytes"] < results[0]["bytes"]
-    table = (whole_sweep / "table.md").read_text()
-    assert [row.split("|")[1].strip() for row in table.splitlines() if row.startswith("| f")] == ["fedit", "ffa-lora"]
+    accuracy_table, paired_table = (whole_sweep / "table.md").read_text().split("Accuracy minus fedit's")
+    assert [row.split("|")[1].strip() for row in accuracy_table.splitlines() if row.startswith("| f")] == ["fedit", "ffa-lora"]
+    # One seed: the paired difference, without a spread or a verdict.
+    assert f"| ffa-lora | {results[1]['accuracy'] - results[0]['accuracy']:+.3f} |" in paired_table
     assert (whole_sweep / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
