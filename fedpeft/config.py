@@ -50,6 +50,9 @@ class FederationConfig:
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
     client_threads: int = _f(1, "torch threads in each client worker", min=1)
     client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")
+    client_eval_clients: int = _f(100, "clients that evaluate on their own shard each round (client_eval, or a "
+                                       "personalised strategy): a fixed seeded sample of this many, the same every "
+                                       "round (0 = every client)", min=0)
     eval_every: int = _f(1, "evaluate the global adapter centrally every k rounds (round 0 and the last round always, "
                             "in full); 1 = every round", min=1)
     eval_examples: int = _f(256, "rounds between the first and the last: evaluate on a fixed seeded subset of this many "

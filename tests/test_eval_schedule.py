@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fedpeft.engine import run_engine
+from fedpeft.server.flower_strategy import evaluated_clients
 from fedpeft.server.round_recorder import eval_subset, evaluated_rounds
 from fedpeft.server.run_folder import RunFolder
 from fedpeft.validation import config_from_dict, load_config
@@ -91,3 +92,22 @@ def test_bad_values_are_one_line(tmp_path, fedpeft_cli, assert_user_error, overr
     proc = fedpeft_cli("run", "--set", override, "--out", str(tmp_path / "run"), cwd=tmp_path, timeout=120)
     assert_user_error(proc, named)
     assert not (tmp_path / "run").exists()
+
+
+def test_client_evaluation_samples_a_fixed_set_of_clients():
+    assert evaluated_clients(6, frozenset({2}), 0, seed=0) == [0, 1, 3, 4, 5]  # 0 = every client with examples
+    assert evaluated_clients(6, frozenset({2}), 5, seed=0) == [0, 1, 3, 4, 5]  # the cap covers them all
+    picked = evaluated_clients(100_000, frozenset({7}), 100, seed=0)
+    assert len(picked) == len(set(picked)) == 100 and picked == sorted(picked) and 7 not in picked
+    assert picked == evaluated_clients(100_000, frozenset({7}), 100, seed=0)
+    assert picked != evaluated_clients(100_000, frozenset({7}), 100, seed=1)
+
+
+def test_a_capped_client_evaluation_asks_the_same_sampled_clients_every_round(tmp_path):
+    cfg = load_config(None, TINY + ["federation.num_clients=6", "federation.num_rounds=2", "federation.client_eval=true",
+                                    "federation.client_eval_clients=3"])
+    summary = run_engine(cfg, tmp_path / "run")
+    expected = [str(c) for c in evaluated_clients(6, frozenset(), 3, seed=0)]
+    lines = RunFolder(tmp_path / "run").read_metrics()
+    assert [sorted(m["client_accuracy"]) for m in lines[1:]] == [expected, expected]
+    assert summary["final_client_accuracy"] == pytest.approx(np.mean(list(lines[-1]["client_accuracy"].values())))

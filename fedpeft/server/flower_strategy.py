@@ -119,7 +119,10 @@ class FlowerLoRAStrategy(FlowerStrategy):
     seed : int
         Seed of the client sampling.
     client_eval : bool
-        Also evaluate on every client's shard after each round.
+        Also evaluate on clients' own shards after each round.
+    client_eval_clients : int
+        With ``client_eval``: how many clients evaluate, a fixed seeded
+        sample (:func:`evaluated_clients`); 0 = every client with examples.
     round_offset : int
         Rounds already done before this start (a resumed run): Flower counts
         from 1 again, fedpeft's rounds, seeds and logs stay absolute.
@@ -157,7 +160,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
                  clients_per_round: int, seed: int, client_eval: bool = False, round_offset: int = 0, dp_plan=None,
                  dp_steps: dict[int, int] | None = None, dp_epsilon: dict[int, float] | None = None,
                  secret: SecretSource | None = None, *, num_clients: int | None = None,
-                 shard_sizes: Sequence[int] | None = None):
+                 shard_sizes: Sequence[int] | None = None, client_eval_clients: int = 0):
         self.dp_plan = dp_plan
         self.secret = secret or OS_SECRET
         self.dp_steps = {int(c): int(s) for c, s in (dp_steps or {}).items()}
@@ -175,6 +178,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
             else frozenset()
         self.clients_per_round = clients_per_round
         self.seed = seed
+        self.client_eval_clients = client_eval_clients
         self.rounds: dict[int, RoundLog] = {}
         self._pinned_client_of_node = {n: c for c, n in self.nodes.items()} if isinstance(self.nodes, dict) else None
         self._sent: dict[tuple[str, int], list[tuple[Message, int]]] = {}  # (phase, round) -> (message, client)
@@ -362,7 +366,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
         self.adopt(arrays)
         if not self.client_eval:
             return []
-        clients = [c for c in range(self.num_clients) if c not in self.empty]
+        clients = evaluated_clients(self.num_clients, self.empty, self.client_eval_clients, self.seed)
         sent = self._sent[("evaluate", server_round)] = []
         for cid, node in zip(clients, self.placement(clients)):
             payload = self.strategy.payload_for(self.state, str(cid))
@@ -388,3 +392,19 @@ class FlowerLoRAStrategy(FlowerStrategy):
         log_.client_accuracy = dict(sorted(accuracies.items()))
         mean = float(np.average(list(accuracies.values()), weights=list(sizes.values())))
         return MetricRecord({"client_accuracy": mean})
+
+
+def evaluated_clients(num_clients: int, empty: frozenset[int], cap: int, seed: int) -> list[int]:
+    """The clients that evaluate on their own shard each round, in id order.
+
+    Every client with examples, or, when there are more than ``cap > 0`` of
+    them, a sample of ``cap`` drawn once from ``seed`` (a stream of its own,
+    apart from the training sample): the same clients every round, so their
+    accuracy curve compares round to round, and one message per sampled
+    client instead of one per client of a 100,000-client federation.
+    """
+    candidates = np.setdiff1d(np.arange(num_clients), np.fromiter(empty, dtype=np.int64, count=len(empty)))
+    if 0 < cap < len(candidates):
+        rng = np.random.default_rng([seed, 0xE7A1])
+        candidates = np.sort(rng.choice(candidates, size=cap, replace=False))
+    return [int(c) for c in candidates]
