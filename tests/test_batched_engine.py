@@ -16,13 +16,23 @@ def _rounds(metrics):
     return [value for m in metrics for value in (m["accuracy"], m["loss"])]
 
 
-@pytest.mark.parametrize("batch_clients", [0, 2], ids=["all-at-once", "chunks-of-2"])
-def test_batched_engine_equals_inprocess(tmp_path, tiny_federation, read_run, monkeypatch, batch_clients):
+CLIENT_CLIPPING = ['dp.mode="client"', 'dp.clip_on="client"', "dp.noise_multiplier=0.5", "dp.delta=0.1",
+                   "dp.max_grad_norm=0.05"]  # a bound the updates exceed: the clipping shows in the replies
+
+
+@pytest.mark.parametrize(("batch_clients", "extra"), [
+    (0, []), (2, []), (0, CLIENT_CLIPPING),
+    (2, [*CLIENT_CLIPPING, 'dp.clipping="adaptive"', "dp.clipped_count_stddev=1.0"]),
+], ids=["all-at-once", "chunks-of-2", "client-side-clipping", "client-side-adaptive-clipping"])
+def test_batched_engine_equals_inprocess(tmp_path, tiny_federation, read_run, monkeypatch, batch_clients, extra):
     # Three clients of different shard sizes (Dirichlet), two rounds, dropout off.
     base = [o for o in tiny_federation if not o.startswith(("federation.num_clients", "federation.num_rounds",
                                                              "data.partition", "train.local_steps"))]
     base += ["federation.num_clients=3", "federation.num_rounds=2", "train.local_steps=2", 'data.partition="dirichlet"',
-             "model.dropout=0.0", "data.max_examples_per_client=12"]
+             "model.dropout=0.0", "data.max_examples_per_client=12", *extra]
+    if extra:  # the server's noise follows from the user's secret: the same in both runs
+        (tmp_path / "secret").write_text("a secret only the user has")
+        base.append(f'dp.secret_file="{tmp_path / "secret"}"')
     fedpeft.run(overrides=[*base, 'federation.engine="inprocess"'], out=tmp_path / "inprocess")
     passes = []  # clients per batched pass: proves the batched path ran, in the chunks asked for
 
@@ -43,6 +53,8 @@ def test_batched_engine_equals_inprocess(tmp_path, tiny_federation, read_run, mo
     assert two["config"]["federation"]["engine"] == "batched"
     # Training moved the model: equality of two untrained runs would prove nothing.
     assert one_rounds[-1]["loss"] != one_rounds[0]["loss"]
+    if extra:  # equal only if the batched replies went through the clients' clipping mods too
+        assert two["epsilon"] == one["epsilon"] is not None
 
 
 def test_unsupported_configurations_fall_back_with_a_reason(tiny_federation, caplog):

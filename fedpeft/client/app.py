@@ -231,10 +231,15 @@ class ClientHandlers:
         return Message(reply, reply_to=msg)
 
 
+def client_mods(dp) -> list:
+    """The Flower client mods that ``dp`` puts around every reply (client-side clipping), outermost first."""
+    return [m for m in (client_clipping_mod(dp),) if m]
+
+
 def make_client_app(cfg: Config | None = None) -> ClientApp:
     """A ClientApp for ``cfg``; without one, the config comes from the run config
     (``flwr run .``)."""
-    mods = [m for m in (client_clipping_mod(cfg.dp),) if m] if cfg is not None else [_clipping_from_run_config]
+    mods = client_mods(cfg.dp) if cfg is not None else [_clipping_from_run_config]
     app = ClientApp(mods=mods)
     handlers = ClientHandlers(cfg)
     app.query()(handlers.query)

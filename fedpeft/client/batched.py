@@ -9,11 +9,12 @@ run for all of them at once, through
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from flwr.app import Context, Message
 
-from fedpeft.client.app import ClientHandlers
+from fedpeft.client.app import ClientHandlers, client_mods
 from fedpeft.config import Config, batch_sampling
 from fedpeft.training.batched import train_clients_batched
 
@@ -22,8 +23,6 @@ def batched_unsupported(conf: Config) -> str:
     """Why ``conf``'s clients cannot train batched yet ("" if they can); such messages train one by one."""
     if conf.dp.mode == "sample":
         return "sample-level DP (per-example clipping per client) is not batched yet"
-    if conf.dp.mode == "client" and conf.dp.clip_on == "client":
-        return "client-side clipping runs as a ClientApp mod, which the batched path bypasses"
     if conf.model.dropout > 0 or conf.peft.dropout > 0:
         return "dropout needs each client's own random stream, which is not batched yet"
     return ""
@@ -61,5 +60,26 @@ def train_together(handlers: ClientHandlers, messages: Sequence[Message], contex
         dtype=conf.model.dtype,
         trainable=rt.strategy.trainable,
     )
-    return [handlers.reply_train(msg, ctx, job, result.metrics, result.payload)
+    mods = client_mods(conf.dp)
+    return [through_mods(mods, msg, ctx, handlers.reply_train(msg, ctx, job, result.metrics, result.payload))
             for msg, ctx, job, result in zip(messages, contexts, jobs, results)]
+
+
+def through_mods(mods: Sequence, msg: Message, ctx: Context, reply: Message) -> Message:
+    """``reply`` as it leaves a ClientApp with ``mods`` (client-side clipping) after answering ``msg``.
+
+    The batched pass made the reply without calling the app, so each mod wraps
+    a ``call_next`` that returns it: Flower's clipping mods read the message
+    before ``call_next`` and clip the reply after it, as they do in the app.
+    """
+
+    def call(m: Message, c: Context) -> Message:
+        return reply
+
+    for mod in reversed(mods):
+        call = functools.partial(_apply_mod, mod, call)
+    return call(msg, ctx)
+
+
+def _apply_mod(mod, call_next, msg: Message, ctx: Context) -> Message:
+    return mod(msg, ctx, call_next)
