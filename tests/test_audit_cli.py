@@ -98,6 +98,7 @@ values = [2, 4]
 """
 
 
+@pytest.mark.slow
 def test_audit_sweep_runs_each_point_and_writes_table_and_plot(tmp_path, fedpeft_cli):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(TINY_AUDIT_SWEEP)

@@ -53,7 +53,7 @@ def test_threshold_is_chosen_on_one_half_and_scored_on_the_other():
     assert audit_scores([1.0] * 100, [0.0] * 100, 1e-5)[0] > 2.0
 
 
-@pytest.mark.parametrize("sigma", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("sigma", [0.5, pytest.param(1.0, marks=pytest.mark.slow), pytest.param(4.0, marks=pytest.mark.slow)])
 def test_sample_level_lower_bound_never_exceeds_the_accountant(sigma):
     audit = sample_level_audit(sigma, 1.0, trials=TRIALS, seed=1)
     assert audit.epsilon_lower <= audit.epsilon_accountant, audit
@@ -66,7 +66,7 @@ def test_sample_level_two_steps_stay_below_the_accountant():
     assert 0.5 < audit.epsilon_lower <= audit.epsilon_accountant, audit
 
 
-@pytest.mark.parametrize(("sigma", "per_round"), [(0.5, 10), (1.0, 10), (3.0, 10), (0.5, 5)])
+@pytest.mark.parametrize(("sigma", "per_round"), [(0.5, 10), *(pytest.param(*p, marks=pytest.mark.slow) for p in [(1.0, 10), (3.0, 10), (0.5, 5)])])
 def test_client_level_lower_bound_never_exceeds_the_accountant(sigma, per_round):
     audit = client_level_audit(sigma, 1.0, num_clients=10, clients_per_round=per_round, trials=TRIALS, seed=3)
     assert audit.epsilon_lower <= audit.epsilon_accountant, audit

@@ -77,6 +77,7 @@ def test_bench_quick_writes_every_figure_or_its_reason(tmp_path, fedpeft_cli):
     assert payload["full_model_bytes"] == 4 * base  # the base model alone: no LoRA factor, no trainable head copy
 
 
+@pytest.mark.slow
 def test_bench_scale_measures_each_size_in_its_own_process(tmp_path):
     from fedpeft.bench import BENCHMARKS, bench_scale
 

@@ -101,7 +101,6 @@ def test_exported_adapter_reproduces_the_reported_accuracy(small_run, read_run):
 
 
 @pytest.mark.slow
-@pytest.mark.ci
 def test_smollm2_federation_perplexity_falls(tmp_path, fedpeft_run, read_run):
     out = tmp_path / "lm"
     fedpeft_run(out, [
@@ -115,8 +114,7 @@ def test_smollm2_federation_perplexity_falls(tmp_path, fedpeft_run, read_run):
     assert summary["majority_baseline"] is None
 
 
-@pytest.mark.slow
-@pytest.mark.ci  # README: "Without DP, seeds make a CPU run bit-for-bit repeatable"
+@pytest.mark.slow  # README: "Without DP, seeds make a CPU run bit-for-bit repeatable" (in-process: test_resume)
 def test_same_seed_gives_bit_identical_runs(tmp_path, fedpeft_run, read_run):
     runs = []
     for name in ("a", "b"):

@@ -133,6 +133,7 @@ def test_rerunning_a_sweep_resumes_without_running_finished_runs_again(whole_swe
            {k: v for k, v in json.loads(summaries[cut / "summary.json"][1]).items() if k != "wall_s"}
 
 
+@pytest.mark.slow
 def test_two_shards_together_give_the_whole_sweeps_table(whole_sweep, sweep_file, fedpeft_cli):
     out = sweep_file.parent / "sharded"
     first = fedpeft_cli("sweep", "--config", str(sweep_file), "--out", str(out), "--shard", "0/2", cwd=sweep_file.parent)
