@@ -158,8 +158,9 @@ def bench_batched(cfg: Config, clients: int = 8, steps: int = 3) -> dict[str, fl
     """``clients`` clients' local steps trained together (the batched engine) vs one after another.
 
     Both train the same clients from the same payload for ``steps`` steps of
-    ``train.batch_size`` with dropout off (the batched path needs it off);
-    each is timed after one untimed warm-up step. The ratio is clients x steps
+    ``train.batch_size`` with dropout off, so the ratio measures the batched
+    matmuls (with dropout on, each client still draws its own masks and runs
+    attention on its own rows, as it would alone); each is timed after one untimed warm-up step. The ratio is clients x steps
     per second, batched over sequential. ``batched_vs_centralized_ratio`` is
     the batched pass's examples per second over one centralised client
     training a single adapter on the union of the shards at batch

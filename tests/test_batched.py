@@ -3,8 +3,9 @@
 Every test trains K clients twice from the same received payloads: one after
 another with :func:`train_steps` (what a sequential client does) and together
 with :func:`train_clients_batched`, then compares each client's loss at every
-step and its final upload. Dropout is off, so both compute the same function
-and differ only in the summation order of their matmuls.
+step and its final upload. Both compute the same function (with dropout on,
+each client draws its own masks from its own seed) and differ only in the
+summation order of their matmuls.
 
 Most tests run the model in float64, where that order costs nothing
 visible: losses agree to rtol 1e-9 and uploads (float32 arrays) to one
@@ -25,6 +26,8 @@ import pytest
 import torch
 
 import fedpeft.training.batched as batched
+import fedpeft.training.client_dropout as client_dropout
+from fedpeft.models.lora import PREFIX
 from fedpeft.runtime import runtime
 from fedpeft.training.batched import stacked_batch, train_clients_batched
 from fedpeft.training.loop import local_schedule, train_steps
@@ -265,16 +268,50 @@ def test_filler_rows_attend_one_pad_token_and_weigh_nothing(rt):
     assert (batch["attention_mask"][~filler].sum(1) == torch.tensor([len(split.ids[i]) for i in (0, 1, 2, 5)])).all()
 
 
-def test_dropout_on_is_refused(rt):
-    dropout = next(m for m in rt.model.model.modules() if isinstance(m, torch.nn.Dropout))
-    dropout.p = 0.1
+@contextmanager
+def dropout_on(resident, p: float = 0.1):
+    """Every dropout of the resident model at rate ``p`` for the block: the base model's modules (BERT's
+    attention reads its rate from one), Llama attention's ``attention_dropout`` and each LoRA layer's
+    dropout (peft builds an Identity at rate 0, so a Dropout takes its place)."""
+    net = resident.model
+    modules = [(m, m.p) for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    attention = [(m, m.attention_dropout) for m in net.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
+    lora = [(layer, layer.lora_dropout["default"]) for layer in (net.get_submodule(PREFIX + m) for m in resident.scalings)]
+    for m, _ in modules:
+        m.p = p
+    for m, _ in attention:
+        m.attention_dropout = p
+    for layer, _ in lora:
+        layer.lora_dropout["default"] = torch.nn.Dropout(p)
     try:
-        split, _ = rt.splits
-        with pytest.raises(ValueError, match="batched training needs dropout off"):
-            train_clients_batched(rt.model, split, shards_of(rt, (4,)), [0], [rt.model.initial], task=rt.model.task,
-                                  **TRAIN)
+        yield
     finally:
-        dropout.p = 0.0
+        for m, rate in modules:
+            m.p = rate
+        for m, rate in attention:
+            m.attention_dropout = rate
+        for layer, original in lora:
+            layer.lora_dropout["default"] = original
+
+
+def test_dropout_on_each_client_draws_the_masks_it_draws_alone(rt):
+    """Hidden, attention, classifier and LoRA dropout at 0.1: batched equals sequential exactly in float64,
+    so each client's masks come from its own seeded stream, whatever the other clients draw."""
+    payloads = [random_payload(rt.model.initial, s) for s in (1, 2, 3)]
+    with dropout_on(rt.model):
+        seq, together = both_ways(rt, (10, 7, 3), [11, 22, 33], payloads, **TRAIN)
+    assert_same(seq, together, **EXACT)
+    without, _ = both_ways(rt, (10, 7, 3), [11, 22, 33], payloads, **{**TRAIN, "steps": 1})
+    assert all(abs(a[2][0] - b[2][0]) > 1e-6 for a, b in zip(seq, without))  # dropout really was on
+
+
+def test_negative_control_one_shared_dropout_stream_does_not_match(rt, monkeypatch):
+    monkeypatch.setattr(client_dropout.ClientRandomStreams, "client", lambda self, k: nullcontext())
+    payloads = [random_payload(rt.model.initial, s) for s in (1, 2)]
+    with dropout_on(rt.model):
+        seq, together = both_ways(rt, (6, 6), [11, 22], payloads, **{**TRAIN, "steps": 2})
+    with pytest.raises(AssertionError):
+        assert_same(seq, together, **EXACT)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +327,18 @@ def test_smollm2_causal_lm_clients_match_sequential(lm_rt):
     try:
         seq, together = both_ways(rt, (5, 3), [1, 2], payloads, dtype=torch.float32, steps=2, batch_size=2, lr=3e-3,
                                   weight_decay=0.0)
+    finally:
+        rt.model.set_payload(rt.model.initial)
+    assert_same(seq, together, update_rtol=3e-3, initial=payloads)
+
+
+def test_smollm2_attention_and_lora_dropout_match_sequential(lm_rt):
+    rt = lm_rt
+    payloads = [random_payload(rt.model.initial, s) for s in (15, 16)]
+    try:
+        with dropout_on(rt.model, 0.2):
+            seq, together = both_ways(rt, (5, 3), [1, 2], payloads, dtype=torch.float32, steps=2, batch_size=2,
+                                      lr=3e-3, weight_decay=0.0)
     finally:
         rt.model.set_payload(rt.model.initial)
     assert_same(seq, together, update_rtol=3e-3, initial=payloads)

@@ -21,16 +21,17 @@ CLIENT_CLIPPING = ['dp.mode="client"', 'dp.clip_on="client"', "dp.noise_multipli
 
 
 @pytest.mark.parametrize(("batch_clients", "extra"), [
-    (0, []), (2, []), (0, CLIENT_CLIPPING),
+    (0, []), (2, []), (0, ["model.dropout=0.1", "peft.dropout=0.1"]), (0, CLIENT_CLIPPING),
     (2, [*CLIENT_CLIPPING, 'dp.clipping="adaptive"', "dp.clipped_count_stddev=1.0"]),
-], ids=["all-at-once", "chunks-of-2", "client-side-clipping", "client-side-adaptive-clipping"])
+], ids=["all-at-once", "chunks-of-2", "dropout-on", "client-side-clipping", "client-side-adaptive-clipping"])
 def test_batched_engine_equals_inprocess(tmp_path, tiny_federation, read_run, monkeypatch, batch_clients, extra):
-    # Three clients of different shard sizes (Dirichlet), two rounds, dropout off.
+    # Three clients of different shard sizes (Dirichlet), two rounds, dropout off unless ``extra`` turns it on.
     base = [o for o in tiny_federation if not o.startswith(("federation.num_clients", "federation.num_rounds",
                                                              "data.partition", "train.local_steps"))]
     base += ["federation.num_clients=3", "federation.num_rounds=2", "train.local_steps=2", 'data.partition="dirichlet"',
              "model.dropout=0.0", "data.max_examples_per_client=12", *extra]
-    if extra:  # the server's noise follows from the user's secret: the same in both runs
+    private = any(o.startswith("dp.") for o in extra)
+    if private:  # the server's noise follows from the user's secret: the same in both runs
         (tmp_path / "secret").write_text("a secret only the user has")
         base.append(f'dp.secret_file="{tmp_path / "secret"}"')
     fedpeft.run(overrides=[*base, 'federation.engine="inprocess"'], out=tmp_path / "inprocess")
@@ -53,7 +54,7 @@ def test_batched_engine_equals_inprocess(tmp_path, tiny_federation, read_run, mo
     assert two["config"]["federation"]["engine"] == "batched"
     # Training moved the model: equality of two untrained runs would prove nothing.
     assert one_rounds[-1]["loss"] != one_rounds[0]["loss"]
-    if extra:  # equal only if the batched replies went through the clients' clipping mods too
+    if private:  # equal only if the batched replies went through the clients' clipping mods too
         assert two["epsilon"] == one["epsilon"] is not None
 
 
@@ -61,14 +62,12 @@ def test_unsupported_configurations_fall_back_with_a_reason(tiny_federation, cap
     from fedpeft.client import make_client_app
     from fedpeft.server.batched_grid import BatchedGrid
 
-    with_dropout = load_config(None, [*tiny_federation, 'federation.engine="batched"', "model.dropout=0.1"])
+    sample = load_config(None, [*tiny_federation, 'federation.engine="batched"', 'dp.mode="sample"',
+                                "dp.noise_multiplier=1.0", "dp.delta=0.1"])
     with caplog.at_level("WARNING", logger="fedpeft.server.batched_grid"):
-        BatchedGrid(make_client_app(with_dropout), with_dropout)
-    assert "federation.engine = 'batched' trains this run's clients one by one: dropout" in caplog.text
-    assert batched_unsupported(load_config(None, ['federation.engine="batched"', "model.dropout=0.0"])) == ""
-    assert "dropout" in batched_unsupported(load_config(None, ['federation.engine="batched"']))
-    sample = load_config(None, ['federation.engine="batched"', "model.dropout=0.0", 'dp.mode="sample"'])
-    assert "sample-level DP" in batched_unsupported(sample)
+        BatchedGrid(make_client_app(sample), sample)
+    assert "federation.engine = 'batched' trains this run's clients one by one: sample-level DP" in caplog.text
+    assert batched_unsupported(load_config(None, ['federation.engine="batched"'])) == ""  # dropout on included
 
 
 def test_batch_clients_without_the_batched_engine_is_a_config_error():

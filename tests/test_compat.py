@@ -159,3 +159,34 @@ def test_set_server_task_identity_stamps_new_messages_as_the_server(fresh_task_i
     msg = Message(RecordDict(), message_type=MessageType.TRAIN, dst_node_id=3)
     assert msg.metadata.src_node_id == SUPERLINK_NODE_ID and msg.metadata.run_id == 0
     assert TaskIdentity.task_id == 1
+
+
+# --- transformers ----------------------------------------------------------------
+
+
+def test_attention_function_replaced_is_what_a_model_calls_and_is_put_back(one_torch_thread):
+    """BERT's and Llama's attention layers look their function up in ALL_ATTENTION_FUNCTIONS (local mapping
+    first, each model's own eager function as the fallback): the replacement is called while the block runs,
+    and afterwards the registry is exactly as it was."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from fedpeft.compat.transformers_internals import (attention_function_replaced, attention_implementation,
+                                                       eager_attention_function)
+    from fedpeft.models.tiny_bert import load_tiny_bert
+
+    net, _ = load_tiny_bert(num_labels=2, dropout=0.0)
+    impl = attention_implementation(net)
+    assert impl == "sdpa"
+    before = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    calls = []
+    with attention_function_replaced(impl, lambda module, *a, **kw: calls.append(module) or previous(module, *a, **kw)) as previous:
+        assert previous is ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
+        net(input_ids=torch.tensor([[1, 2, 3]]))
+    assert len(calls) == net.config.num_hidden_layers
+    assert ALL_ATTENTION_FUNCTIONS._local_mapping == before
+    with attention_function_replaced("eager", lambda *a, **kw: None) as previous:
+        assert previous is None  # eager: each model's own function
+    assert "eager" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    layer = next(m for m in net.modules() if type(m).__name__ == "BertSelfAttention")
+    assert eager_attention_function(layer).__module__ == "transformers.models.bert.modeling_bert"

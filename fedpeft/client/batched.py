@@ -23,8 +23,6 @@ def batched_unsupported(conf: Config) -> str:
     """Why ``conf``'s clients cannot train batched yet ("" if they can); such messages train one by one."""
     if conf.dp.mode == "sample":
         return "sample-level DP (per-example clipping per client) is not batched yet"
-    if conf.model.dropout > 0 or conf.peft.dropout > 0:
-        return "dropout needs each client's own random stream, which is not batched yet"
     return ""
 
 

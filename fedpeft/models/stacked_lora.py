@@ -139,8 +139,10 @@ class StackedLoRA:
         """Within this block the resident model runs the K clients' adapters on K stacked client blocks.
 
         The input's leading dimension must be ``K * B``, client k's rows at
-        ``k * B : (k + 1) * B``. LoRA dropout must be off (peft's Identity):
-        per-client dropout streams are not implemented.
+        ``k * B : (k + 1) * B``. LoRA dropout is the layer's own module, as
+        peft applies it (on the input of the low-rank term only); batched
+        training gives it per-client streams
+        (:class:`fedpeft.training.client_dropout.ClientDropout`).
         """
         shared = self._shared_residuals()
         # W0 (+ R when shared) in the frozen base; per-client residuals become a dense term.
@@ -150,9 +152,6 @@ class StackedLoRA:
         try:
             for m in self.modules:
                 layer = self._layer(m)
-                if not isinstance(layer.lora_dropout["default"], torch.nn.Identity):
-                    raise ValueError("batched training needs peft.dropout = 0 (per-client LoRA dropout streams are "
-                                     "not implemented)")
                 layer.forward = self._lora_forward(m, layer, None if per_client is None else per_client.get(m))
                 patched.append(layer)
             for name in self.head_modules:
@@ -181,14 +180,17 @@ class StackedLoRA:
         scaling = torch.tensor([c.scalings[module] for c in self.clients], dtype=weight.dtype,
                                device=weight.device).view(k, 1, 1)
 
+        dropout = layer.lora_dropout["default"]
+
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = layer.base_layer(x, *args, **kwargs)
-            blocks = x.reshape(k, -1, x.shape[-1])  # (K, B*T, in)
+            # As peft's Linear: dropout after the base layer, on the low-rank term's input only.
+            dropped = dropout(x).reshape(k, -1, x.shape[-1])  # (K, B*T, in)
             A = torch.stack([c.A[module] for c in self.clients])  # (K, r, in)
             B = torch.stack([c.B[module] for c in self.clients])  # (K, out, r)
-            delta = torch.bmm(torch.bmm(blocks, A.transpose(1, 2)), B.transpose(1, 2)) * scaling
-            if residual is not None:
-                delta = delta + torch.bmm(blocks, residual.transpose(1, 2))
+            delta = torch.bmm(torch.bmm(dropped, A.transpose(1, 2)), B.transpose(1, 2)) * scaling
+            if residual is not None:  # part of the base weight for a client alone: no dropout
+                delta = delta + torch.bmm(x.reshape(k, -1, x.shape[-1]), residual.transpose(1, 2))
             return result + delta.reshape(result.shape)
 
         return forward

@@ -8,7 +8,7 @@ over the resident model (:func:`fedpeft.client.batched.train_together`).
 Everything else goes through the ClientApp one message at a time, exactly
 as :class:`InProcessGrid` delivers it: queries, evaluations, and train
 messages of configurations the batched path does not cover yet
-(sample-level DP, dropout; see
+(sample-level DP; see
 :func:`fedpeft.client.batched.batched_unsupported`), and the messages of a
 batched pass that raised, so that one client's failure stays its own.
 """

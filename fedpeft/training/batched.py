@@ -8,9 +8,12 @@ gradient for each client is that client's own mean-loss gradient. Only the
 arithmetic is shared: each step stacks the K clients' micro-batches into one
 batch and runs the adapters side by side (:class:`StackedLoRA`).
 
-Not covered yet (callers fall back to sequential training): DP-SGD and
-dropout (base-model or LoRA), which need per-client per-example gradients
-and per-client random streams.
+With dropout on, each client draws its masks from its own stream seeded as
+it would seed it alone (:mod:`fedpeft.training.client_dropout`), so the
+equality holds with dropout too.
+
+Not covered yet (callers fall back to sequential training): DP-SGD, which
+needs per-client per-example gradients.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from fedpeft.devices import autocast, model_device
 from fedpeft.models.resident import ResidentModel
 from fedpeft.models.stacked_lora import StackedLoRA
 from fedpeft.training.batches import EncodedSplit
+from fedpeft.training.client_dropout import BlockLayout, ClientDropout
 from fedpeft.training.loop import local_schedule, make_optimizer, train_metrics
 from strategies import Payload
 
@@ -51,8 +55,8 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
     run on it alone (to float rounding), with the same ``steps``,
     ``batch_size``, ``lr``, ``weight_decay``, ``sampling``, ``optimizer`` and
     ``momentum``, on the model's device and, with ``dtype = "bfloat16"``,
-    under the same autocast. Dropout must be off (``model.dropout = 0`` and
-    ``peft.dropout = 0``). The resident model is left in eval mode, its own
+    under the same autocast; with dropout on, each client's masks are those
+    it draws alone from its seed. The resident model is left in eval mode, its own
     adapter holding the last client's received payload.
 
     Returns
@@ -62,7 +66,6 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
     """
     if not len(shards) == len(seeds) == len(payloads):
         raise ValueError(f"got {len(shards)} shards, {len(seeds)} seeds and {len(payloads)} payloads; one each per client")
-    check_no_dropout(model.model)
     stack = StackedLoRA(model, payloads, trainable=trainable)
     schedules = [local_schedule(shard, steps=steps, batch_size=batch_size, seed=seed, sampling=sampling)
                  for shard, seed in zip(shards, seeds)]
@@ -71,16 +74,21 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
     losses: list[list[float]] = [[] for _ in stack.clients]
     net = model.model
     device = model_device(net)
+    dropout = ClientDropout(net, seeds, device)
+    lengths = split.lengths()
     net.train()
     started = time.perf_counter()
     try:
-        with stack.applied():
+        with stack.applied(), dropout.applied():
             for step in range(steps):
                 chosen = [schedule[step] for schedule in schedules]
                 active = [k for k, idx in enumerate(chosen) if len(idx) > 0]  # an empty Poisson draw takes no step
                 if not active:
                     continue
                 batch = stacked_batch(split, chosen, task, device)
+                dropout.layout = BlockLayout(
+                    rows=max(len(idx) for idx in chosen), width=batch["input_ids"].shape[1],
+                    sizes=tuple((len(idx), int(lengths[idx].max()) if len(idx) else 0) for idx in chosen))
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 with autocast(device, dtype):
@@ -98,16 +106,6 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
     share = (time.perf_counter() - started) / len(stack)
     return [ClientResult(metrics={**train_metrics(losses[k], schedules[k]), "compute_s": share},
                          payload=stack.clients[k].payload(), losses=losses[k]) for k in range(len(stack))]
-
-
-def check_no_dropout(net: torch.nn.Module) -> None:
-    """Refuse a model whose training forward is random (batched clients share one random stream)."""
-    active = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-    config = getattr(net, "config", None)
-    attention = float(getattr(config, "attention_dropout", 0.0) or 0.0) if config is not None else 0.0
-    if active or attention > 0:
-        where = active[0] if active else f"attention_dropout = {attention}"
-        raise ValueError(f"batched training needs dropout off (model.dropout = 0, peft.dropout = 0); found {where}")
 
 
 def stacked_batch(split: EncodedSplit, index_lists: Sequence[np.ndarray], task: str,
