@@ -4,7 +4,9 @@
   (offline, no telemetry, no update check, no runtime installs);
 * ``fedpeft_cli``: the real ``fedpeft`` console script in a subprocess, its
   output free of colour codes, and ``assert_user_error`` for its one-line
-  failures;
+  failures; ``fedpeft_cli_in_process``: the same entry point called in the
+  test process (no interpreter start-up and no torch import per call), for the
+  many user-error checks that fail before any federation starts;
 * ``one_torch_thread`` / ``torch_threads``: torch's thread count set for a
   module or a test and put back afterwards, so no test changes another's;
 * ``read_run``: a run folder's ``summary.json`` and ``metrics.jsonl``;
@@ -14,6 +16,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -70,6 +74,50 @@ def run_fedpeft(*args: str, cwd: Path, timeout: float = 900, env: dict[str, str]
 def fedpeft_cli() -> Callable[..., subprocess.CompletedProcess]:
     """The real console script: ``fedpeft_cli("run", "--set", ..., cwd=tmp_path)``."""
     return run_fedpeft
+
+
+def run_fedpeft_in_process(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``fedpeft ARGS...`` through :func:`fedpeft.cli.main` in this process, as :func:`run_fedpeft` reports it.
+
+    The exit code is the one ``main`` exits with; an exception that escapes
+    ``main`` (which the console script would print as a traceback) comes back
+    as exit code 1 with its traceback on stderr, so ``assert_user_error``
+    fails on it exactly as it would on the subprocess. Only for commands that
+    stop before a federation starts: a run that trains would start Ray in the
+    test process.
+    """
+    import traceback
+
+    from fedpeft.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    os.environ.update({"COLUMNS": "400", "NO_COLOR": "1", **(env or {})})
+    sys.argv = ["fedpeft", *args]
+    os.chdir(cwd)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # noqa: BLE001 - a traceback is what the test must see
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["fedpeft", *args], code, ANSI.sub("", out.getvalue()),
+                                       ANSI.sub("", err.getvalue()))
+
+
+@pytest.fixture(scope="session")
+def fedpeft_cli_in_process() -> Callable[..., subprocess.CompletedProcess]:
+    """``fedpeft_cli``'s signature, in this process: for user errors caught before any federation starts."""
+    return run_fedpeft_in_process
 
 
 def check_user_error(proc: subprocess.CompletedProcess, *named: str) -> str:

@@ -20,9 +20,10 @@ import pytest
         ("audit.dlg={iterations=-1}", "audit.dlg.iterations = -1 must be a non-negative number"),
     ],
 )
-def test_bad_audit_key_is_one_line_and_writes_nothing(tmp_path, override, message, fedpeft_cli, assert_user_error):
+def test_bad_audit_key_is_one_line_and_writes_nothing(tmp_path, override, message, fedpeft_cli_in_process,
+                                                      assert_user_error):
     out = tmp_path / "audit"
-    proc = fedpeft_cli("audit", "--set", override, "--out", str(out), cwd=tmp_path)
+    proc = fedpeft_cli_in_process("audit", "--set", override, "--out", str(out), cwd=tmp_path)
     assert_user_error(proc, message)
     assert not out.exists()
 
@@ -119,9 +120,10 @@ def test_audit_sweep_runs_each_point_and_writes_table_and_plot(tmp_path, fedpeft
     assert (out / "plots" / "audit_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_audit_sweep_with_a_bad_axis_is_one_line_and_writes_nothing(tmp_path, fedpeft_cli, assert_user_error):
+def test_audit_sweep_with_a_bad_axis_is_one_line_and_writes_nothing(tmp_path, fedpeft_cli_in_process, assert_user_error):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(TINY_AUDIT_SWEEP.replace('key = "peft.r"', 'key = "peft.rank"'))
     out = tmp_path / "audit-sweep"
-    assert_user_error(fedpeft_cli("audit", "--sweep", str(sweep), "--out", str(out), cwd=tmp_path), "peft.rank")
+    assert_user_error(fedpeft_cli_in_process("audit", "--sweep", str(sweep), "--out", str(out), cwd=tmp_path),
+                      "peft.rank")
     assert not out.exists()

@@ -103,7 +103,8 @@ def test_bench_runs_only_the_named_benchmark_and_says_why_the_rest_is_null(tmp_p
     assert "left out the federation benchmark" in results["overhead_fraction_reason"]
 
 
-def test_bench_user_errors_are_one_line(tmp_path, fedpeft_cli, assert_user_error):
+def test_bench_user_errors_are_one_line(tmp_path, fedpeft_cli_in_process, assert_user_error):
+    fedpeft_cli = fedpeft_cli_in_process
     assert_user_error(fedpeft_cli("bench", "--name", "nope", "--out", str(tmp_path / "b"), cwd=tmp_path),
                       "--name", "'nope'", "resident_model", "payload_bytes", "dp_step", "client_setup", "federation")
     assert not (tmp_path / "b").exists()

@@ -1,9 +1,12 @@
 """The real `fedpeft` console script on user mistakes: exit code 2, one line on
 stderr naming the key, no traceback, nothing written.
 
-Every `run` here fails validation before any model, data or Ray is touched
-(the CLI checks the config and --out before importing torch and Flower), so
-each subprocess takes well under a second.
+Config errors fail before any model, data or Ray is touched (the CLI checks
+the config and --out before loading anything); settings that need the data
+fail after it loads and before the run folder exists. Most checks call the
+CLI's entry point in the test process (``fedpeft_cli_in_process``: the same
+exit code and output, without an interpreter start-up per case); the console
+script itself runs in a subprocess for a config error and the busy folder.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ TINY = [
                      ["federation.client_eval", "without noise"], id="dp-client-eval"),
     ],
 )
-def test_run_rejects_bad_config(tmp_path, args, named, fedpeft_cli, assert_user_error):
+def test_run_rejects_bad_config(tmp_path, args, named, fedpeft_cli_in_process, assert_user_error):
     out = tmp_path / "out"
-    proc = fedpeft_cli("run", *args, "--out", str(out), cwd=tmp_path)
+    proc = fedpeft_cli_in_process("run", *args, "--out", str(out), cwd=tmp_path)
     assert_user_error(proc, *named)
     assert not out.exists(), "the run folder was created before failing"
     assert not (tmp_path / "runs").exists()
@@ -71,11 +74,17 @@ def test_run_rejects_bad_config(tmp_path, args, named, fedpeft_cli, assert_user_
                      ["dp.secret_file", "cannot be read"], id="dp-missing-secret-file"),
     ],
 )
-def test_run_rejects_dp_settings_it_cannot_honour(tmp_path, args, named, fedpeft_cli, assert_user_error):
+def test_run_rejects_dp_settings_it_cannot_honour(tmp_path, args, named, fedpeft_cli_in_process, assert_user_error):
     out = tmp_path / "out"
-    proc = fedpeft_cli("run", *TINY, *args, "--out", str(out), cwd=tmp_path)
+    proc = fedpeft_cli_in_process("run", *TINY, *args, "--out", str(out), cwd=tmp_path)
     assert_user_error(proc, *named)
     assert not out.exists(), "the run folder was created before failing"
+
+
+def test_the_console_script_exits_2_with_one_line(tmp_path, fedpeft_cli, assert_user_error):
+    out = tmp_path / "out"
+    assert_user_error(fedpeft_cli("run", "--set", "train.foo=1", "--out", str(out), cwd=tmp_path), "train.foo", "[train]")
+    assert not out.exists()
 
 
 def test_run_rejects_busy_out_folder(tmp_path, fedpeft_cli, assert_user_error):

@@ -78,10 +78,10 @@ def test_cuda_index_beyond_the_devices_is_out_of_range(fake_cuda):
 
 
 @pytest.mark.skipif(CUDA and torch.cuda.device_count() > 7, reason="this machine has a cuda:7")
-def test_cli_rejects_a_missing_gpu_with_one_line(tmp_path, fedpeft_cli, assert_user_error):
+def test_cli_rejects_a_missing_gpu_with_one_line(tmp_path, fedpeft_cli_in_process, assert_user_error):
     out = tmp_path / "out"
-    proc = fedpeft_cli("run", "--set", "federation.device=cuda:7", "--set", "federation.num_rounds=1",
-                       "--out", str(out), cwd=tmp_path)
+    proc = fedpeft_cli_in_process("run", "--set", "federation.device=cuda:7", "--set", "federation.num_rounds=1",
+                                  "--out", str(out), cwd=tmp_path)
     assert_user_error(proc, "federation.device = 'cuda:7'", "cpu")
     assert not out.exists()
 

@@ -25,7 +25,8 @@ from fedpeft.sampling import participation
 from fedpeft.runtime import runtime
 from fedpeft.server.run_folder import RunFolder
 
-TINY = ['federation.engine="inprocess"', "federation.num_clients=4", "federation.clients_per_round=2",
+# The random two-layer BERT: what is checked here is accounting and where noise lands, not accuracy.
+TINY = ['model.name="tiny-bert"', "model.max_length=16", 'federation.engine="inprocess"', "federation.num_clients=4", "federation.clients_per_round=2",
         "federation.num_rounds=3", "train.local_steps=2", "train.batch_size=8", "data.max_test_examples=32",
         'data.partition="iid"']
 
@@ -102,13 +103,14 @@ def test_sample_level_dp_changes_training_and_keeps_the_payload(sample_run, tmp_
 
 
 def test_target_epsilon_is_met_by_every_client_and_closely_by_the_worst(tmp_path):
-    _, summary, _ = run(tmp_path, "target", ['dp.mode="sample"', "dp.target_epsilon=2.0", "dp.delta=1e-4",
+    # A tight target: PLD on a 1e-4 grid is slow at the small sigmas a loose one needs.
+    _, summary, _ = run(tmp_path, "target", ['dp.mode="sample"', "dp.target_epsilon=1.0", "dp.delta=1e-4",
                                              "data.max_examples_per_client=40"])
     dp = summary["dp"]
-    assert dp["target_epsilon"] == 2.0 and dp["accountant"] == "pld"
+    assert dp["target_epsilon"] == 1.0 and dp["accountant"] == "pld"
     per_client = dp["epsilon_per_client"].values()
-    assert all(e <= 2.0 for e in per_client)
-    assert max(per_client) >= 0.97 * 2.0
+    assert all(e <= 1.0 for e in per_client)
+    assert max(per_client) >= 0.97 * 1.0
     assert dp["planned_epsilon"] == pytest.approx(dp["epsilon"], rel=1e-6)
 
 

@@ -88,8 +88,8 @@ def test_a_run_stopped_on_an_unevaluated_round_resumes_to_the_same_result(tmp_pa
 
 @pytest.mark.parametrize("override,named", [("federation.eval_every=0", "federation.eval_every"),
                                             ("federation.eval_examples=-1", "federation.eval_examples")])
-def test_bad_values_are_one_line(tmp_path, fedpeft_cli, assert_user_error, override, named):
-    proc = fedpeft_cli("run", "--set", override, "--out", str(tmp_path / "run"), cwd=tmp_path, timeout=120)
+def test_bad_values_are_one_line(tmp_path, fedpeft_cli_in_process, assert_user_error, override, named):
+    proc = fedpeft_cli_in_process("run", "--set", override, "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert_user_error(proc, named)
     assert not (tmp_path / "run").exists()
 

@@ -11,8 +11,9 @@ SMALL = [
     "federation.num_clients=3",
     "federation.num_rounds=2",
     "train.local_steps=6",
-    "data.max_examples_per_client=300",
-    "data.max_test_examples=256",
+    "data.max_examples_per_client=120",
+    "data.max_test_examples=128",
+    "model.max_length=32",
     "federation.name=e2e",
     "federation.client_eval=true",
 ]

@@ -58,7 +58,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, extra):
            {k: v for k, v in s_whole.items() if k not in ("wall_s", "config")}
 
 
-def test_resume_refuses_finished_missing_and_mixed_arguments(tmp_path, fedpeft_cli, assert_user_error):
+def test_resume_refuses_finished_missing_and_mixed_arguments(tmp_path, fedpeft_cli_in_process, assert_user_error):
     done = tmp_path / "done"
     done.mkdir()
     (done / "summary.json").write_text("{}")
@@ -69,7 +69,7 @@ def test_resume_refuses_finished_missing_and_mixed_arguments(tmp_path, fedpeft_c
         (["run", "--resume", str(done), "--set", "train.lr=0.1"], "leave out --config, --set and --out"),
     ]
     for args, needle in cases:
-        assert_user_error(fedpeft_cli(*args, cwd=tmp_path, timeout=120), needle)
+        assert_user_error(fedpeft_cli_in_process(*args, cwd=tmp_path), needle)
 
 
 # The interrupted half, in a fresh process of its own (as every `fedpeft run` is): it stops

@@ -148,8 +148,8 @@ def test_two_shards_together_give_the_whole_sweeps_table(whole_sweep, sweep_file
            table_without_wall_time((whole_sweep / "table.md").read_text())
 
 
-def test_a_bad_shard_is_one_line_and_runs_nothing(sweep_file, fedpeft_cli, assert_user_error, tmp_path):
-    proc = fedpeft_cli("sweep", "--config", str(sweep_file), "--out", str(tmp_path / "x"), "--shard", "2/2",
+def test_a_bad_shard_is_one_line_and_runs_nothing(sweep_file, fedpeft_cli_in_process, assert_user_error, tmp_path):
+    proc = fedpeft_cli_in_process("sweep", "--config", str(sweep_file), "--out", str(tmp_path / "x"), "--shard", "2/2",
                        cwd=tmp_path)
     assert_user_error(proc, "--shard", "0 <= K < N")
     assert not (tmp_path / "x").exists()
