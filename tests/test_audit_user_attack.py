@@ -9,8 +9,6 @@ a missing module, an attack that declares no metrics) are one line and exit 2.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -22,9 +20,6 @@ from fedpeft.audit.attacks import Attack, AttackResult, available_attacks, get_a
 from fedpeft.audit.runner import declared_scores
 from fedpeft.audit.scoring import LABEL_METRICS, Metric
 from fedpeft.errors import ConfigError
-
-_SCRIPT = Path(sys.executable).with_name("fedpeft")
-COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "fedpeft.cli"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,12 +77,6 @@ def test_user_attack_runs_through_fedpeft_audit_and_reports_its_metric(tmp_path,
     assert f"**{entry}**" in (out / "audit.md").read_text()
 
 
-def fedpeft(*args: str, cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([*COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
@@ -98,18 +87,16 @@ def fedpeft(*args: str, cwd: Path, pythonpath: Path) -> subprocess.CompletedProc
         ("my_attack:Silent", "declares no metrics"),
     ],
 )
-def test_bad_user_attack_is_one_line_and_exit_2(tmp_path, entry, message):
-    (tmp_path / "my_attack.py").write_text(USER_MODULE)
+def test_bad_user_attack_is_one_line_and_exit_2(tmp_path, user_module, entry, message, fedpeft_cli_in_process,
+                                               assert_user_error):
     out = tmp_path / "audit"
-    proc = fedpeft("audit", "--set", f"audit.attacks=['{entry}']", "--out", str(out), cwd=tmp_path, pythonpath=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and not out.exists()
+    proc = fedpeft_cli_in_process("audit", "--set", f"audit.attacks=['{entry}']", "--out", str(out), cwd=tmp_path)
+    assert_user_error(proc, message)
+    assert not out.exists()
 
 
-def test_fedpeft_attacks_lists_every_builtin_with_what_it_recovers(tmp_path):
-    proc = fedpeft("attacks", cwd=tmp_path, pythonpath=tmp_path)
+def test_fedpeft_attacks_lists_every_builtin_with_what_it_recovers(tmp_path, fedpeft_cli):
+    proc = fedpeft_cli("attacks", cwd=tmp_path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
     builtin = {n for n in available_attacks() if get_attack(n).__module__.startswith("fedpeft.audit.attacks.")}

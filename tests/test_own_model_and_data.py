@@ -187,7 +187,8 @@ def _tokenizer(folder: Path):
 # ---------------------------------------------------------------- user errors: one line, exit 2, nothing written
 
 
-def test_bert_folder_takes_mean_pooling_and_a_llama_folder_says_it_cannot(assets, assert_user_error, tmp_path):
+def test_bert_folder_takes_mean_pooling_and_a_llama_folder_says_it_cannot(assets, assert_user_error, tmp_path,
+                                                                           fedpeft_cli_in_process):
     """model.pooling = "mean" on a BERT folder: the pooler becomes the masked mean (no pooler weights
     train, padding does not change a text's logits); on a Llama folder it is one clear line."""
     from fedpeft.models.pooling import MeanPooler
@@ -210,19 +211,19 @@ def test_bert_folder_takes_mean_pooling_and_a_llama_folder_says_it_cannot(assets
         b = rt.model.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[0]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
-    proc = fedpeft("run", "--set", f"data.dataset={assets / 'reviews.csv'}", "--set", "data.text_column=review",
-                   "--set", "data.label_column=sentiment", "--set", f"model.name={assets / 'llama'}",
-                   "--set", "model.task=classification", "--set", 'model.pooling="mean"', "--out",
-                   str(tmp_path / "run"), cwd=tmp_path)
+    proc = fedpeft_cli_in_process("run", "--set", f"data.dataset={assets / 'reviews.csv'}", "--set",
+                                  "data.text_column=review", "--set", "data.label_column=sentiment", "--set",
+                                  f"model.name={assets / 'llama'}", "--set", "model.task=classification", "--set",
+                                  'model.pooling="mean"', "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert_user_error(proc, "model.pooling = 'mean' is not available", "choose one of: cls")
     assert not (tmp_path / "run").exists()
 
 
-def test_wrong_column_is_one_line_naming_the_columns(assets, tmp_path, assert_user_error):
+def test_wrong_column_is_one_line_naming_the_columns(assets, tmp_path, assert_user_error, fedpeft_cli_in_process):
     out = tmp_path / "run"
-    proc = fedpeft("run", "--set", f"data.dataset={assets / 'reviews.csv'}", "--set", "data.text_column=review",
-                   "--set", "data.label_column=stars", "--set", f"model.name={assets / 'bert'}", "--out", str(out),
-                   cwd=tmp_path)
+    proc = fedpeft_cli_in_process("run", "--set", f"data.dataset={assets / 'reviews.csv'}", "--set",
+                                  "data.text_column=review", "--set", "data.label_column=stars", "--set",
+                                  f"model.name={assets / 'bert'}", "--out", str(out), cwd=tmp_path)
     assert_user_error(proc, "data.label_column", "'stars'", "review, sentiment, user")
     assert not out.exists()
 
@@ -233,7 +234,8 @@ def test_wrong_column_is_one_line_naming_the_columns(assets, tmp_path, assert_us
     pytest.param("unknown-architecture", ["model.name", "cannot read its config.json"], id="unknown-architecture"),
     pytest.param("no-tokenizer", ["model.name", "no tokenizer files", "tokenizer.save_pretrained"], id="no-tokenizer"),
 ])
-def test_unloadable_model_folder_is_one_line(assets, tmp_path, breakage, named, assert_user_error):
+def test_unloadable_model_folder_is_one_line(assets, tmp_path, breakage, named, assert_user_error,
+                                             fedpeft_cli_in_process):
     import shutil
 
     folder = tmp_path / "model"
@@ -250,7 +252,7 @@ def test_unloadable_model_folder_is_one_line(assets, tmp_path, breakage, named, 
         config["model_type"] = "no-such-architecture"
         (folder / "config.json").write_text(json.dumps(config))
     out = tmp_path / "run"
-    proc = fedpeft("run", "--set", f"model.name={folder}", "--out", str(out), cwd=tmp_path)
+    proc = fedpeft_cli_in_process("run", "--set", f"model.name={folder}", "--out", str(out), cwd=tmp_path)
     assert_user_error(proc, *named)
     assert not out.exists()
 
