@@ -247,6 +247,25 @@ def test_calibration_with_prv():
     assert sigma < calibrate_noise(2.0, DELTA, sample_rate=0.01, steps=1000, accountant="rdp")
 
 
+def test_pld_calibration_searches_coarse_first_and_answers_with_the_real_accountant(monkeypatch):
+    """The 1e-3-grid twin only guesses: the answer meets the target on PLD's own 1e-4 grid, is as small as
+    a search on that grid alone finds, and the twin's epsilon is never what calibration returns against."""
+    from fedpeft.privacy.accountants.pld import CoarsePLDAccountant, PLDAccountant
+
+    q, steps, delta, target = 0.2, 6, 1e-5, 1.0  # a tight target: PLD is fast at the sigma it needs
+    coarse_calls = []
+    original = CoarsePLDAccountant._epsilon
+    monkeypatch.setattr(CoarsePLDAccountant, "_epsilon",
+                        lambda self, h, d: coarse_calls.append(h) or original(self, h, d))
+    sigma = calibrate_noise(target, delta, q, steps, "pld", relation="replace-one")
+    assert coarse_calls, "the coarse twin was not used"
+    eps = compute_epsilon(sigma, q, steps, delta, "pld", "replace-one")  # the reporting accountant
+    assert 0.995 * target <= eps <= target
+    assert compute_epsilon(sigma * 0.99, q, steps, delta, "pld", "replace-one") > target  # nearly the smallest
+    monkeypatch.setattr(PLDAccountant, "coarse", None)
+    assert sigma == pytest.approx(calibrate_noise(target, delta, q, steps, "pld", relation="replace-one"), rel=0.01)
+
+
 def test_calibration_of_an_unreachable_target():
     assert "dp.target_epsilon" in error(calibrate_noise, 1e-7, DELTA, sample_rate=1.0, steps=1000)
 

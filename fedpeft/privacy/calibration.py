@@ -2,7 +2,10 @@
 
 A bisection on the same accountant that will later report the epsilon, so the
 calibrated run's reported epsilon is at most the target by construction (every
-candidate is checked by that accountant, none is extrapolated).
+candidate is checked by that accountant, none is extrapolated). An accountant
+with a cheaper :attr:`~fedpeft.privacy.accountants.Accountant.coarse` twin
+(PLD on a coarser grid) is searched with the twin first; the real accountant
+then only brackets and bisects a few percent around that guess.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 from collections.abc import Callable
 
 from fedpeft.errors import ConfigError
-from fedpeft.privacy.accountants import PRVGridTooLarge, check_accountant, client_level_epsilon, compute_epsilon
+from fedpeft.privacy.accountants import PRVGridTooLarge, check_accountant, client_level_epsilon, create_accountant
 from fedpeft.privacy.validation import check_delta, check_sample_rate, check_steps, check_target_epsilon
 
 __all__ = ["calibrate_noise", "calibrate_client_noise", "smallest_noise_multiplier", "MAX_NOISE_MULTIPLIER",
@@ -66,13 +69,21 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     if not 0.0 <= rtol < 1.0:
         raise ValueError(f"rtol must be in [0, 1), got {rtol!r}")
 
-    def eps(sigma: float) -> float:
-        try:
-            return compute_epsilon(sigma, q, steps, delta, accountant, relation)
-        except PRVGridTooLarge:  # only happens with little noise: far above any sane target
-            return math.inf
+    def epsilon_with(cls) -> Callable[[float], float]:
+        def eps(sigma: float) -> float:
+            try:
+                return cls(relation).step(sigma, q, steps).epsilon(delta)
+            except PRVGridTooLarge:  # only happens with little noise: far above any sane target
+                return math.inf
 
-    return smallest_noise_multiplier(eps, target, rtol, f"delta={delta:g}, q={q:g}, {steps} steps, {relation}")
+        return eps
+
+    setting = f"delta={delta:g}, q={q:g}, {steps} steps, {relation}"
+    cls = type(create_accountant(accountant, relation=relation))
+    guess = None
+    if cls.coarse is not None:
+        guess = smallest_noise_multiplier(epsilon_with(cls.coarse), target, 0.02, setting)
+    return smallest_noise_multiplier(epsilon_with(cls), target, rtol, setting, start=guess)
 
 
 def calibrate_client_noise(target_epsilon: float, delta: float, num_clients: int, clients_per_round: int,
@@ -86,20 +97,24 @@ def calibrate_client_noise(target_epsilon: float, delta: float, num_clients: int
 
 
 def smallest_noise_multiplier(eps: Callable[[float], float], target: float, rtol: float = 0.005,
-                              setting: str = "") -> float:
+                              setting: str = "", start: float | None = None) -> float:
     """The smallest sigma with ``eps(sigma) <= target`` (``eps`` decreasing in sigma).
 
     Returns a sigma with ``(1 - rtol) * target <= eps(sigma) <= target``, or
     the largest sigma tried below :data:`MIN_NOISE_MULTIPLIER` if even that
     meets the target; ``setting`` describes the mechanism in the error raised
     when no sigma up to :data:`MAX_NOISE_MULTIPLIER` reaches the target.
+    ``start``, a guess of the answer, brackets it in steps of 2% instead of
+    doubling from 1.
     """
+    factor = 2.0 if start is None else 1.02
     # Bracket: eps(lo) > target >= eps(hi).
-    hi, eps_hi = 1.0, eps(1.0)
+    hi = 1.0 if start is None else min(max(start, MIN_NOISE_MULTIPLIER), MAX_NOISE_MULTIPLIER)
+    eps_hi = eps(hi)
     if eps_hi > target:
         lo = hi
         while eps_hi > target:
-            lo, hi = hi, 2.0 * hi
+            lo, hi = hi, factor * hi
             if hi > MAX_NOISE_MULTIPLIER:
                 raise ConfigError(
                     f"dp.target_epsilon = {target!r} cannot be reached with a noise multiplier "
@@ -107,11 +122,11 @@ def smallest_noise_multiplier(eps: Callable[[float], float], target: float, rtol
                 )
             eps_hi = eps(hi)
     else:
-        lo = hi / 2.0
+        lo = hi / factor
         eps_lo = eps(lo)
         while eps_lo <= target:
             hi, eps_hi = lo, eps_lo
-            lo = lo / 2.0
+            lo = lo / factor
             if lo < MIN_NOISE_MULTIPLIER:
                 return hi
             eps_lo = eps(lo)

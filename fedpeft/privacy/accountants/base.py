@@ -63,6 +63,9 @@ class Accountant(ABC):
     """The record it protects: ``"sample"`` (Poisson-sampled examples) or ``"client"``."""
     relations: ClassVar[tuple[str, ...]] = ("add-remove",)
     """The neighbouring relations this accountant can account."""
+    coarse: ClassVar[type[Accountant] | None] = None
+    """A cheaper accountant with nearly the same epsilon, for the first part of a noise calibration
+    (:func:`fedpeft.privacy.calibration.calibrate_noise` then confirms with this one); never reported."""
 
     def __init__(self, relation: str = "add-remove") -> None:
         if relation not in RELATIONS:

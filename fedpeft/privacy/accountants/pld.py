@@ -11,7 +11,7 @@ from typing import ClassVar
 from fedpeft.privacy.accountants.base import RELATIONS, Accountant, Segment
 from fedpeft.privacy.accountants.registry import register_accountant
 
-__all__ = ["PLDAccountant"]
+__all__ = ["CoarsePLDAccountant", "PLDAccountant"]
 
 
 @register_accountant("pld")
@@ -36,3 +36,12 @@ class PLDAccountant(Accountant):
         for sigma, q, n in history:
             acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n)
         return acc.get_epsilon(delta)
+
+
+class CoarsePLDAccountant(PLDAccountant):
+    """PLD on a 1e-3 grid: about ten times faster, for calibration's first search only (not registered)."""
+
+    value_discretization_interval: ClassVar[float] = 1e-3
+
+
+PLDAccountant.coarse = CoarsePLDAccountant
