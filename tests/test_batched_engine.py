@@ -18,12 +18,17 @@ def _rounds(metrics):
 
 CLIENT_CLIPPING = ['dp.mode="client"', 'dp.clip_on="client"', "dp.noise_multiplier=0.5", "dp.delta=0.1",
                    "dp.max_grad_norm=0.05"]  # a bound the updates exceed: the clipping shows in the replies
+SAMPLE_DP = ['dp.mode="sample"', "dp.noise_multiplier=1.0", "dp.delta=1e-5", "dp.max_grad_norm=0.5"]
 
 
 @pytest.mark.parametrize(("batch_clients", "extra"), [
     (0, []), (2, []), (0, ["model.dropout=0.1", "peft.dropout=0.1"]), (0, CLIENT_CLIPPING),
     (2, [*CLIENT_CLIPPING, 'dp.clipping="adaptive"', "dp.clipped_count_stddev=1.0"]),
-], ids=["all-at-once", "chunks-of-2", "dropout-on", "client-side-clipping", "client-side-adaptive-clipping"])
+    # Uncapped Dirichlet shards (1,186 to 7,329 examples): each client its own q.
+    (0, [*SAMPLE_DP, "data.max_examples_per_client=0"]),
+    (2, [*SAMPLE_DP, "data.max_examples_per_client=0", "model.dropout=0.1", "peft.dropout=0.1"]),
+], ids=["all-at-once", "chunks-of-2", "dropout-on", "client-side-clipping", "client-side-adaptive-clipping",
+        "sample-level-dp", "sample-level-dp-chunks-of-2-dropout-on"])
 def test_batched_engine_equals_inprocess(tmp_path, tiny_federation, read_run, monkeypatch, batch_clients, extra):
     # Three clients of different shard sizes (Dirichlet), two rounds, dropout off unless ``extra`` turns it on.
     base = [o for o in tiny_federation if not o.startswith(("federation.num_clients", "federation.num_rounds",
@@ -31,15 +36,16 @@ def test_batched_engine_equals_inprocess(tmp_path, tiny_federation, read_run, mo
     base += ["federation.num_clients=3", "federation.num_rounds=2", "train.local_steps=2", 'data.partition="dirichlet"',
              "model.dropout=0.0", "data.max_examples_per_client=12", *extra]
     private = any(o.startswith("dp.") for o in extra)
-    if private:  # the server's noise follows from the user's secret: the same in both runs
+    if private:  # the server's (or each client's DP-SGD) noise follows from the user's secret: the same in both runs
         (tmp_path / "secret").write_text("a secret only the user has")
         base.append(f'dp.secret_file="{tmp_path / "secret"}"')
     fedpeft.run(overrides=[*base, 'federation.engine="inprocess"'], out=tmp_path / "inprocess")
-    passes = []  # clients per batched pass: proves the batched path ran, in the chunks asked for
+    passes = []  # clients per batched pass that succeeded: proves the batched path ran, in the chunks asked for
 
     def counted(handlers, messages, contexts):
+        replies = train_together(handlers, messages, contexts)  # a pass that raises falls back: not counted
         passes.append(len(messages))
-        return train_together(handlers, messages, contexts)
+        return replies
 
     monkeypatch.setattr(batched_grid, "train_together", counted)
     fedpeft.run(overrides=[*base, 'federation.engine="batched"', f"federation.batch_clients={batch_clients}"],
@@ -56,17 +62,21 @@ def test_batched_engine_equals_inprocess(tmp_path, tiny_federation, read_run, mo
     assert one_rounds[-1]["loss"] != one_rounds[0]["loss"]
     if private:  # equal only if the batched replies went through the clients' clipping mods too
         assert two["epsilon"] == one["epsilon"] is not None
+    if 'dp.mode="sample"' in extra:  # each client accounted its own q and steps, as when trained alone
+        assert two["dp"]["epsilon_per_client"] == one["dp"]["epsilon_per_client"]
+        assert two["dp"]["steps_per_client"] == one["dp"]["steps_per_client"]
+        assert len(set(one["dp"]["sample_rate_per_client"].values())) > 1  # shards of different sizes: q differs
 
 
-def test_unsupported_configurations_fall_back_with_a_reason(tiny_federation, caplog):
+def test_sample_level_dp_trains_batched_without_falling_back(tiny_federation, caplog):
     from fedpeft.client import make_client_app
     from fedpeft.server.batched_grid import BatchedGrid
 
-    sample = load_config(None, [*tiny_federation, 'federation.engine="batched"', 'dp.mode="sample"',
-                                "dp.noise_multiplier=1.0", "dp.delta=0.1"])
+    sample = load_config(None, [*tiny_federation, 'federation.engine="batched"', *SAMPLE_DP])
+    assert batched_unsupported(sample) == ""
     with caplog.at_level("WARNING", logger="fedpeft.server.batched_grid"):
-        BatchedGrid(make_client_app(sample), sample)
-    assert "federation.engine = 'batched' trains this run's clients one by one: sample-level DP" in caplog.text
+        grid = BatchedGrid(make_client_app(sample), sample)
+    assert grid.fallback_reason == "" and "one by one" not in caplog.text
     assert batched_unsupported(load_config(None, ['federation.engine="batched"'])) == ""  # dropout on included
 
 

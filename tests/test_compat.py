@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import (
@@ -25,7 +26,7 @@ from fedpeft.compat.flwr_internals import (
     dp_wrapper_class,
     set_server_task_identity,
 )
-from fedpeft.compat.opacus_internals import prv_grid_points
+from fedpeft.compat.opacus_internals import gaussian_noise, prv_grid_points
 
 FLOWER_WRAPPERS = [DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping,
                    DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyClientSideAdaptiveClipping]
@@ -66,6 +67,29 @@ def test_prv_grid_points_is_the_grid_opacus_get_epsilon_builds(monkeypatch, hist
 def test_prv_grid_explodes_with_little_noise():
     # Why fedpeft asks before composing: this history would need gigabytes.
     assert prv_grid_points([(0.3, 0.5, 1000)], 0.01, 1e-8) > 100 * prv_grid_points([(1.0, 0.01, 1000)], 0.01, 1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gaussian_noise_is_the_noise_dp_optimizer_adds(dtype):
+    """The batched engine draws each client's noise with gaussian_noise: it must be DPOptimizer's draw, bit for bit,
+    and a zero std must draw nothing (the generator's state is left where it was)."""
+    from opacus.optimizers import DPOptimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3, 5, dtype=dtype)), torch.nn.Parameter(torch.zeros(7, dtype=dtype))]
+    opt = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.5, max_grad_norm=0.4,
+                      expected_batch_size=1, generator=torch.Generator().manual_seed(9))
+    for p in params:
+        p.summed_grad = torch.zeros_like(p)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=dtype)
+    opt.add_noise()
+    generator = torch.Generator().manual_seed(9)
+    for p in params:
+        noise = gaussian_noise(1.5 * 0.4, torch.zeros_like(p), generator)
+        assert noise.dtype == dtype
+        torch.testing.assert_close(noise, p.grad, rtol=0, atol=0)
+    state = generator.get_state()
+    assert not gaussian_noise(0.0, torch.zeros(4), generator).any()
+    assert torch.equal(generator.get_state(), state)
 
 
 # --- Flower's DP wrappers ---------------------------------------------------------

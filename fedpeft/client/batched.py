@@ -4,7 +4,9 @@ Each message is decoded and answered by the same :class:`ClientHandlers`
 steps as a message trained alone (``prepare_train`` and ``reply_train``:
 the same seeds, DP redaction and upload); only the local steps in between
 run for all of them at once, through
-:func:`fedpeft.training.batched.train_clients_batched`.
+:func:`fedpeft.training.batched.train_clients_batched`. Under sample-level
+DP each client keeps its own mechanism (its q from the server's DP plan),
+its secret Poisson batches and noise generator, and its accountant.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ from flwr.app import Context, Message
 
 from fedpeft.client.app import ClientHandlers, client_mods
 from fedpeft.config import Config, batch_sampling
+from fedpeft.privacy.secret import secret_source
 from fedpeft.training.batched import train_clients_batched
 
 
 def batched_unsupported(conf: Config) -> str:
-    """Why ``conf``'s clients cannot train batched yet ("" if they can); such messages train one by one."""
-    if conf.dp.mode == "sample":
-        return "sample-level DP (per-example clipping per client) is not batched yet"
+    """Why ``conf``'s clients cannot train batched ("" if they can); such messages train one by one.
+
+    Every configuration trains batched now, sample-level DP-SGD included
+    (per-example clipping and noise per client,
+    :mod:`fedpeft.privacy.stacked_dp`); a batched pass that raises still
+    falls back message by message (:class:`~fedpeft.server.batched_grid.BatchedGrid`).
+    """
     return ""
 
 
@@ -41,6 +48,7 @@ def train_together(handlers: ClientHandlers, messages: Sequence[Message], contex
         raise ValueError("batched train messages must share one run config")
     t = conf.train
     split, _ = rt.splits
+    private = conf.dp.mode == "sample"
     results = train_clients_batched(
         rt.model,
         split,
@@ -57,6 +65,8 @@ def train_together(handlers: ClientHandlers, messages: Sequence[Message], contex
         momentum=t.momentum,
         dtype=conf.model.dtype,
         trainable=rt.strategy.trainable,
+        dp=[job.dp for job in jobs] if private else None,
+        secret=secret_source(conf.dp) if private else None,
     )
     mods = client_mods(conf.dp)
     return [through_mods(mods, msg, ctx, handlers.reply_train(msg, ctx, job, result.metrics, result.payload))

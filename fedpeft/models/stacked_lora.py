@@ -18,6 +18,12 @@ Nothing here mixes rows of different clients: the base model is frozen and
 applies row by row (attention stays within a sequence), so the gradient of
 ``sum_k loss_k`` with respect to client k's leaves is the gradient of
 ``loss_k`` alone.
+
+Under sample-level DP, :meth:`StackedLoRA.applied` takes a
+:class:`~fedpeft.privacy.stacked_dp.StackedGradSamples`: the stacked layers
+and heads then also record each example's own gradient of every client
+tensor during the backward pass, for per-client clipping and noise
+(:mod:`fedpeft.privacy.stacked_dp`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from peft.utils import ModulesToSaveWrapper
 
 from fedpeft.models.lora import PREFIX
 from fedpeft.models.resident import ResidentModel
+from fedpeft.privacy.stacked_dp import Key, StackedGradSamples
 from strategies import LoRAFactors, Payload
 
 
@@ -57,6 +64,12 @@ class ClientAdapter:
         """The tensors this client trains (those that require gradients), for its optimizer."""
         tensors = [*self.A.values(), *self.B.values(), *(p for params in self.head.values() for p in params.values())]
         return [t for t in tensors if t.requires_grad]
+
+    def tensor(self, key: Key) -> torch.Tensor:
+        """The tensor of ``key``: ``("A", module)``, ``("B", module)`` or ``("head", head_module, parameter)``."""
+        if key[0] == "head":
+            return self.head[key[1]][key[2]]
+        return (self.A if key[0] == "A" else self.B)[key[1]]
 
     def payload(self) -> Payload:
         """The client's current factors (at its own rank) and head: the shape of :meth:`ResidentModel.payload`."""
@@ -106,6 +119,7 @@ class StackedLoRA:
         # Each client's payload goes through the resident model's own loader
         # (rank padding, scalings, trainable parts), then is copied out as leaves.
         self.clients = [self._capture(p, trainable) for p in payloads]
+        self.grad_samples: StackedGradSamples | None = None
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -123,6 +137,41 @@ class StackedLoRA:
     def _layer(self, module: str):
         return self.resident.model.get_submodule(PREFIX + module)
 
+    def trained_keys(self) -> list[Key]:
+        """The keys of the tensors each client trains, in the order the resident model lists its parameters.
+
+        The sequential DP-SGD client clips over and draws noise for its
+        trainable parameters in that order (``DPOptimizer`` over
+        ``model.parameters()``), so the batched one does too.
+
+        Raises
+        ------
+        ValueError
+            If the resident model trains a tensor that is no client's A, B or
+            head parameter (the batched pass would not train it), or the
+            clients train different tensors.
+        """
+        names = {}
+        for m in self.modules:
+            names[f"{PREFIX}{m}.lora_A.default.weight"] = ("A", m)
+            names[f"{PREFIX}{m}.lora_B.default.weight"] = ("B", m)
+        for head in self.head_modules:
+            for pname, _ in self._head(head).named_parameters():
+                names[f"{PREFIX}{head}.modules_to_save.default.{pname}"] = ("head", head, pname)
+        keys, uncovered = [], []
+        for name, p in self.resident.model.named_parameters():
+            if name in names:
+                keys.append(names[name])
+            elif p.requires_grad:
+                uncovered.append(name)
+        if uncovered:
+            raise ValueError(f"the batched pass trains LoRA factors and modules_to_save heads only; the model also "
+                             f"trains {uncovered[0]}")
+        trained = [key for key in keys if self.clients[0].tensor(key).requires_grad]
+        if any([key for key in keys if c.tensor(key).requires_grad] != trained for c in self.clients[1:]):
+            raise ValueError("batched clients must train the same tensors")
+        return trained
+
     def _head(self, module: str) -> torch.nn.Module:
         return self.resident.model.get_submodule(PREFIX + module).modules_to_save["default"]
 
@@ -135,15 +184,18 @@ class StackedLoRA:
         return first
 
     @contextmanager
-    def applied(self) -> Iterator[None]:
+    def applied(self, grad_samples: StackedGradSamples | None = None) -> Iterator[None]:
         """Within this block the resident model runs the K clients' adapters on K stacked client blocks.
 
         The input's leading dimension must be ``K * B``, client k's rows at
         ``k * B : (k + 1) * B``. LoRA dropout is the layer's own module, as
         peft applies it (on the input of the low-rank term only); batched
         training gives it per-client streams
-        (:class:`fedpeft.training.client_dropout.ClientDropout`).
+        (:class:`fedpeft.training.client_dropout.ClientDropout`). With
+        ``grad_samples``, every backward pass through the block also records
+        each row's own gradient of every client tensor there.
         """
+        self.grad_samples = grad_samples
         shared = self._shared_residuals()
         # W0 (+ R when shared) in the frozen base; per-client residuals become a dense term.
         self.resident.set_residuals(shared if shared is not None else {})
@@ -160,6 +212,7 @@ class StackedLoRA:
                 patched.append(wrapper)
             yield
         finally:
+            self.grad_samples = None
             for module in patched:
                 del module.forward  # back to the class's forward
 
@@ -181,6 +234,7 @@ class StackedLoRA:
                                device=weight.device).view(k, 1, 1)
 
         dropout = layer.lora_dropout["default"]
+        train_A, train_B = self.clients[0].A[module].requires_grad, self.clients[0].B[module].requires_grad
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = layer.base_layer(x, *args, **kwargs)
@@ -188,7 +242,10 @@ class StackedLoRA:
             dropped = dropout(x).reshape(k, -1, x.shape[-1])  # (K, B*T, in)
             A = torch.stack([c.A[module] for c in self.clients])  # (K, r, in)
             B = torch.stack([c.B[module] for c in self.clients])  # (K, out, r)
-            delta = torch.bmm(torch.bmm(dropped, A.transpose(1, 2)), B.transpose(1, 2)) * scaling
+            h = torch.bmm(dropped, A.transpose(1, 2))
+            delta = torch.bmm(h, B.transpose(1, 2)) * scaling
+            if self.grad_samples is not None:
+                self.grad_samples.lora(module, delta, dropped, h, B, scaling, x.shape[0] // k, train_A, train_B)
             if residual is not None:  # part of the base weight for a client alone: no dropout
                 delta = delta + torch.bmm(x.reshape(k, -1, x.shape[-1]), residual.transpose(1, 2))
             return result + delta.reshape(result.shape)
@@ -200,17 +257,25 @@ class StackedLoRA:
         module = self._head(name)
         params = [c.head[name] for c in self.clients]
         if isinstance(module, torch.nn.Linear):
+            train = {n: t.requires_grad for n, t in params[0].items()}
+
             def forward(x: torch.Tensor) -> torch.Tensor:
                 blocks = x.reshape(k, -1, x.shape[-1])
                 weight = torch.stack([p["weight"] for p in params])  # (K, out, in)
                 out = torch.bmm(blocks, weight.transpose(1, 2))
                 if module.bias is not None:
                     out = out + torch.stack([p["bias"] for p in params]).unsqueeze(1)
+                if self.grad_samples is not None:
+                    self.grad_samples.linear_head(name, out, blocks, x.shape[0] // k, params[0]["weight"].dtype, train)
                 return out.reshape(*x.shape[:-1], out.shape[-1])
         else:
             # Any other head: its own parameters on each client's rows in turn (heads are small).
             def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-                outs = [torch.func.functional_call(module, p, (xk, *args), kwargs) for p, xk in zip(params, x.chunk(k))]
+                outs = []
+                for c, (p, xk) in enumerate(zip(params, x.chunk(k))):
+                    outs.append(torch.func.functional_call(module, p, (xk, *args), kwargs))
+                    if self.grad_samples is not None:
+                        self.grad_samples.module_head(name, c, module, p, outs[-1], xk, args, kwargs)
                 return torch.cat(outs)
 
         return forward

@@ -6,11 +6,11 @@ one ``send_and_receive`` call, and this grid runs them in chunks of
 over the resident model (:func:`fedpeft.client.batched.train_together`).
 
 Everything else goes through the ClientApp one message at a time, exactly
-as :class:`InProcessGrid` delivers it: queries, evaluations, and train
-messages of configurations the batched path does not cover yet
-(sample-level DP; see
-:func:`fedpeft.client.batched.batched_unsupported`), and the messages of a
-batched pass that raised, so that one client's failure stays its own.
+as :class:`InProcessGrid` delivers it: queries, evaluations, train messages
+of any configuration :func:`fedpeft.client.batched.batched_unsupported`
+names (none at present: sample-level DP-SGD trains batched too), and the
+messages of a batched pass that raised, so that one client's failure stays
+its own.
 """
 
 from __future__ import annotations

@@ -12,8 +12,11 @@ With dropout on, each client draws its masks from its own stream seeded as
 it would seed it alone (:mod:`fedpeft.training.client_dropout`), so the
 equality holds with dropout too.
 
-Not covered yet (callers fall back to sequential training): DP-SGD, which
-needs per-client per-example gradients.
+With ``dp`` (sample-level DP-SGD) each client takes the step opacus would
+give it alone: the same secret Poisson batches and noise generator, its own
+per-example gradients (recorded by the stacked layers), flat clipping over
+its trainable tensors, its own noise and the same normalisation
+(:mod:`fedpeft.privacy.stacked_dp`); an empty draw is a noise-only step.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ import torch
 from fedpeft.devices import autocast, model_device
 from fedpeft.models.resident import ResidentModel
 from fedpeft.models.stacked_lora import StackedLoRA
+from fedpeft.privacy.dp_sgd import DPSGD, check_private_model, per_sample_loss
+from fedpeft.privacy.secret import OS_SECRET, SecretSource
+from fedpeft.privacy.stacked_dp import StackedGradSamples, clip_and_noise
 from fedpeft.training.batches import EncodedSplit
 from fedpeft.training.client_dropout import BlockLayout, ClientDropout
 from fedpeft.training.loop import local_schedule, make_optimizer, train_metrics
@@ -48,7 +54,8 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
                           seeds: Sequence[int], payloads: Sequence[Payload], *, task: str, steps: int,
                           batch_size: int, lr: float, weight_decay: float, sampling: str = "shuffle",
                           optimizer: str = "adamw", momentum: float = 0.0, dtype: str = "float32",
-                          trainable: Callable[[str], dict[str, bool]] | None = None) -> list[ClientResult]:
+                          trainable: Callable[[str], dict[str, bool]] | None = None,
+                          dp: Sequence[DPSGD] | None = None, secret: SecretSource | None = None) -> list[ClientResult]:
     """Train K clients together; client k starts from ``payloads[k]`` and draws its batches from ``seeds[k]``.
 
     Each client's losses and final payload equal those of :func:`train_steps`
@@ -59,6 +66,12 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
     it draws alone from its seed. The resident model is left in eval mode, its own
     adapter holding the last client's received payload.
 
+    ``dp[k]`` (sample-level DP-SGD, one mechanism per client: each has its
+    own q) makes client k's steps those :func:`train_steps` takes with
+    ``dp=dp[k]``: Poisson batches and noise from ``secret`` (the OS CSPRNG
+    when None) keyed by its seed, never from the seed itself; every step
+    counts, an empty draw as a noise-only step.
+
     Returns
     -------
     list of ClientResult
@@ -66,23 +79,40 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
     """
     if not len(shards) == len(seeds) == len(payloads):
         raise ValueError(f"got {len(shards)} shards, {len(seeds)} seeds and {len(payloads)} payloads; one each per client")
+    if dp is not None and len(dp) != len(shards):
+        raise ValueError(f"got {len(dp)} DP mechanisms for {len(shards)} clients; one each per client")
+    net = model.model
+    device = model_device(net)
     stack = StackedLoRA(model, payloads, trainable=trainable)
-    schedules = [local_schedule(shard, steps=steps, batch_size=batch_size, seed=seed, sampling=sampling)
-                 for shard, seed in zip(shards, seeds)]
+    private = None
+    if dp is None:
+        schedules = [local_schedule(shard, steps=steps, batch_size=batch_size, seed=seed, sampling=sampling)
+                     for shard, seed in zip(shards, seeds)]
+    else:
+        secret = secret or OS_SECRET
+        check_private_model(net)
+        schedules, noise = [], []
+        for shard, seed, mechanism in zip(shards, seeds, dp):  # in the order a client alone draws them
+            schedules.append(local_schedule(shard, steps=steps, batch_size=batch_size, seed=seed, sampling=sampling,
+                                            dp=mechanism, secret=secret))
+            noise.append(secret.torch_generator("dp-sgd-noise", seed, device=device))
+        private = _Private(StackedGradSamples(len(stack)), stack.trained_keys(), noise, list(dp), batch_size)
     optimizers = [make_optimizer(optimizer, c.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum)
                   for c in stack.clients]
     losses: list[list[float]] = [[] for _ in stack.clients]
-    net = model.model
-    device = model_device(net)
     dropout = ClientDropout(net, seeds, device)
     lengths = split.lengths()
     net.train()
     started = time.perf_counter()
     try:
-        with stack.applied(), dropout.applied():
+        with stack.applied(private.samples if private else None), dropout.applied():
             for step in range(steps):
                 chosen = [schedule[step] for schedule in schedules]
                 active = [k for k, idx in enumerate(chosen) if len(idx) > 0]  # an empty Poisson draw takes no step
+                if private is not None:  # DP-SGD: every client steps, an empty draw with noise only
+                    for k, loss in private.step(stack, optimizers, split, chosen, task, device, dtype, dropout, net):
+                        losses[k].append(loss)
+                    continue
                 if not active:
                     continue
                 batch = stacked_batch(split, chosen, task, device)
@@ -106,6 +136,61 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
     share = (time.perf_counter() - started) / len(stack)
     return [ClientResult(metrics={**train_metrics(losses[k], schedules[k]), "compute_s": share},
                          payload=stack.clients[k].payload(), losses=losses[k]) for k in range(len(stack))]
+
+
+@dataclass
+class _Private:
+    """What a batched DP-SGD step needs: the recorder, the trained tensors' order, each client's noise and mechanism."""
+
+    samples: StackedGradSamples
+    keys: list
+    generators: list[torch.Generator]
+    mechanisms: list[DPSGD]
+    expected_batch_size: float
+
+    def step(self, stack: StackedLoRA, optimizers, split: EncodedSplit, chosen: Sequence[np.ndarray], task: str,
+             device, dtype: str, dropout: ClientDropout, net) -> list[tuple[int, float]]:
+        """One DP-SGD step of every client; returns (client, loss) for the clients that drew rows."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.samples.clear()
+        sizes = [len(idx) for idx in chosen]
+        out = []
+        if any(sizes):
+            rows = per_example_grads(net, split, chosen, task, device, dtype, dropout)
+            counts = torch.tensor(sizes, dtype=rows.dtype, device=rows.device).clamp(min=1.0)
+            means = rows.detach().sum(1) / counts  # each client's mean per-example loss, as opacus's step reports it
+            out = [(k, float(means[k])) for k, n in enumerate(sizes) if n]
+        clip_and_noise(self.samples, self.keys, [c.tensor for c in stack.clients], sizes, self.mechanisms,
+                       self.generators, self.expected_batch_size)
+        for opt in optimizers:
+            opt.step()
+        return out
+
+
+def per_example_grads(net, split: EncodedSplit, chosen: Sequence[np.ndarray], task: str, device, dtype: str,
+                      dropout: ClientDropout) -> torch.Tensor:
+    """Forward and backward of the stacked batch of ``chosen`` for per-example gradients; returns the row losses.
+
+    Run inside :meth:`StackedLoRA.applied` with a recorder (which then holds
+    each row's gradient) and :meth:`ClientDropout.applied`. The backward
+    pass is of the sum of every real row's own loss
+    (:func:`~fedpeft.privacy.dp_sgd.per_sample_loss`, what the sequential
+    DP-SGD client averages), so each row's recorded gradient is its own
+    loss's. Returns the row losses, ``(K, rows)``, zero on filler rows.
+    """
+    lengths = split.lengths()
+    batch = stacked_batch(split, chosen, task, device)
+    dropout.layout = BlockLayout(
+        rows=max(len(idx) for idx in chosen), width=batch["input_ids"].shape[1],
+        sizes=tuple((len(idx), int(lengths[idx].max()) if len(idx) else 0) for idx in chosen))
+    k = len(chosen)
+    with autocast(device, dtype):
+        logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rows = per_sample_loss(logits, batch, task)
+        rows = (rows * batch["weight"].to(rows.dtype)).view(k, -1)
+    rows.sum().backward()
+    return rows
 
 
 def stacked_batch(split: EncodedSplit, index_lists: Sequence[np.ndarray], task: str,
