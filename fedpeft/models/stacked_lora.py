@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,8 +39,10 @@ from peft.utils import ModulesToSaveWrapper
 
 from fedpeft.models.lora import PREFIX
 from fedpeft.models.resident import ResidentModel
-from fedpeft.privacy.stacked_dp import Key, StackedGradSamples
 from strategies import LoRAFactors, Payload
+
+if TYPE_CHECKING:  # the DP layer above fills these in; the stacked layers only hand it their tensors
+    from fedpeft.privacy.stacked_dp import Key, StackedGradSamples
 
 
 @dataclass
