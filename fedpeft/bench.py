@@ -291,8 +291,12 @@ def bench_client_setup(cfg: Config, ctx: BenchContext) -> dict[str, Any]:
 
 
 def _concurrent_clients(cfg: Config) -> int:
-    """How many clients train at the same time: Ray workers (cores / ``client_cpus``) or, in-process, one."""
-    if cfg.federation.engine == "inprocess":
+    """How many clients train at the same time: Ray workers (cores / ``client_cpus``) or, in-process, one.
+
+    The batched engine counts as one lane: its clients' ``compute_s`` are
+    equal shares of the one joint step loop, so they sum to its wall time.
+    """
+    if cfg.federation.engine in ("inprocess", "batched"):
         return 1
     return max(1, min(cfg.clients_per_round, int((os.cpu_count() or 1) // cfg.federation.client_cpus)))
 

@@ -100,8 +100,8 @@ def test_client_gpus_need_a_cuda_device_and_the_simulation_engine(fake_cuda):
         load_config(None, ["federation.client_gpus=0.5", 'federation.engine="inprocess"'])
     with pytest.raises(ConfigError, match=r"federation.device = 'cuda' with engine = 'simulation' needs "
                                           r"federation.client_gpus > 0"):
-        load_config(None, ['federation.device="cuda"'])
-    cfg = load_config(None, ['federation.device="cuda"', "federation.client_gpus=0.25"])
+        load_config(None, ['federation.device="cuda"', "federation.engine=simulation"])
+    cfg = load_config(None, ['federation.device="cuda"', "federation.client_gpus=0.25", "federation.engine=simulation"])
     assert (cfg.federation.device, cfg.federation.client_gpus) == ("cuda", 0.25)
 
 

@@ -8,6 +8,7 @@ import pytest
 from tests.conftest import without_timings
 
 SMALL = [
+    "federation.engine=simulation",  # the one end-to-end run through Ray; the default engine is batched
     "federation.num_clients=3",
     "federation.num_rounds=2",
     "train.local_steps=6",
@@ -100,6 +101,24 @@ def test_exported_adapter_reproduces_the_reported_accuracy(small_run, read_run):
             correct += int((logits.argmax(-1) == b["labels"]).sum())
     assert correct / n == pytest.approx(summary["final_accuracy"], abs=1e-9)
 
+
+def test_the_default_batched_engine_gives_what_the_ray_engine_gives(small_run, tmp_path, read_run):
+    """The engine changes where the clients run, not what they compute: the same config on the default (batched,
+    in-process) engine gives the Ray run's accuracies and losses, to the float rounding batching allows."""
+    import fedpeft
+
+    config = [o for o in SMALL if not o.startswith("federation.engine")] + ["federation.threads=1"]
+    fedpeft.run(overrides=config, out=tmp_path / "batched")
+    ray_summary, ray_metrics = read_run(small_run)
+    summary, metrics = read_run(tmp_path / "batched")
+    assert summary["config"]["federation"]["engine"] == "batched"
+    assert len(metrics) == len(ray_metrics) == 3
+    for ours, theirs in zip(metrics, ray_metrics):
+        assert ours["accuracy"] == theirs["accuracy"]
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+        assert ours["bytes_up"] == theirs["bytes_up"] and ours["clients"] == theirs["clients"]
+        assert ours.get("client_accuracy") == theirs.get("client_accuracy")
+    assert summary["final_accuracy"] == ray_summary["final_accuracy"]
 
 @pytest.mark.slow
 def test_smollm2_federation_perplexity_falls(tmp_path, fedpeft_run, read_run):

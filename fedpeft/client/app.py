@@ -176,6 +176,7 @@ class ClientHandlers:
             optimizer=t.optimizer,
             momentum=t.momentum,
             dtype=job.conf.model.dtype,
+            rank_padding=rt.model.rank_padding(),
         )
         return self.reply_train(msg, context, job, metrics, rt.model.payload())
 

@@ -57,8 +57,9 @@ class ResidentModel:
         """Load a payload into the model.
 
         Factors of a lower rank than the model's are zero-padded: the padded
-        rows of A and columns of B get zero gradients, so they stay zero and the
-        client trains at exactly its own rank. Each module takes the payload's
+        rows of A and columns of B get zero gradients, and a local optimizer
+        under :func:`fedpeft.training.loop.keep_rank_padding_zero` keeps them zero when DP noise
+        lands on them, so the client trains at exactly its own rank. Each module takes the payload's
         scaling. Residuals are added to the frozen base weights. ``trainable``
         (a strategy's ``trainable``) freezes factors that must not train.
         """
@@ -83,6 +84,11 @@ class ResidentModel:
             layer = self._layer(module)
             layer.lora_A["default"].weight.requires_grad_(bool(parts["A"]))
             layer.lora_B["default"].weight.requires_grad_(bool(parts["B"]))
+
+    def rank_padding(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """``(A, B, rank)`` of every module the last payload loaded below the model's rank."""
+        return [(self._layer(m).lora_A["default"].weight, self._layer(m).lora_B["default"].weight, r)
+                for m, r in self.ranks.items() if r < self.rank]
 
     def _adapter_tensors(self) -> dict | None:
         """The adapter's parameter tensors by peft state-dict key (found once; None: peft's slower load each time)."""
@@ -236,3 +242,4 @@ def load_resident_model(spec: ResidentSpec) -> ResidentModel:
 def frozen_fingerprint(model) -> dict[str, np.ndarray]:
     """Copies of every frozen parameter, to prove training never touched them."""
     return {n: p.detach().cpu().numpy().copy() for n, p in model.named_parameters() if not p.requires_grad}
+

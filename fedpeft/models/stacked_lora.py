@@ -51,8 +51,9 @@ class ClientAdapter:
 
     ``A`` and ``B`` are padded to the resident model's rank, as
     :meth:`ResidentModel.set_payload` pads them (the padding gets zero
-    gradients and stays zero); ``ranks`` remembers the client's own rank per
-    module. ``head`` maps each ``modules_to_save`` module (without peft's
+    gradients; :meth:`rank_padding` is what the client's optimizer keeps at
+    zero when DP noise lands on it); ``ranks`` remembers the client's own rank
+    per module. ``head`` maps each ``modules_to_save`` module (without peft's
     prefix) to its parameters by name.
     """
 
@@ -67,6 +68,10 @@ class ClientAdapter:
         """The tensors this client trains (those that require gradients), for its optimizer."""
         tensors = [*self.A.values(), *self.B.values(), *(p for params in self.head.values() for p in params.values())]
         return [t for t in tensors if t.requires_grad]
+
+    def rank_padding(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """``(A, B, rank)`` of every module this client trains below the resident model's rank."""
+        return [(self.A[m], self.B[m], r) for m, r in self.ranks.items() if r < self.A[m].shape[0]]
 
     def tensor(self, key: Key) -> torch.Tensor:
         """The tensor of ``key``: ``("A", module)``, ``("B", module)`` or ``("head", head_module, parameter)``."""

@@ -37,7 +37,7 @@ from fedpeft.privacy.secret import OS_SECRET, SecretSource
 from fedpeft.privacy.stacked_dp import StackedGradSamples, clip_and_noise
 from fedpeft.training.batches import EncodedSplit
 from fedpeft.training.client_dropout import BlockLayout, ClientDropout
-from fedpeft.training.loop import local_schedule, make_optimizer, train_metrics
+from fedpeft.training.loop import keep_rank_padding_zero, local_schedule, make_optimizer, train_metrics
 from strategies import Payload
 
 
@@ -99,6 +99,8 @@ def train_clients_batched(model: ResidentModel, split: EncodedSplit, shards: Seq
         private = _Private(StackedGradSamples(len(stack)), stack.trained_keys(), noise, list(dp), batch_size)
     optimizers = [make_optimizer(optimizer, c.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum)
                   for c in stack.clients]
+    for opt, client in zip(optimizers, stack.clients):
+        keep_rank_padding_zero(opt, client.rank_padding())
     losses: list[list[float]] = [[] for _ in stack.clients]
     dropout = ClientDropout(net, seeds, device)
     lengths = split.lengths()

@@ -68,10 +68,35 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentu
     raise ValueError(f"train.optimizer = {name!r} is not valid; choose adamw or sgd")
 
 
+def keep_rank_padding_zero(optimizer: torch.optim.Optimizer, padded: list[tuple[torch.Tensor, torch.Tensor, int]]):
+    """Zero the rank-padding rows of A and columns of B (``padded``: ``(A, B, rank)``) after every step.
+
+    Without DP their gradients are exactly zero, so they would stay zero
+    anyway. DP-SGD noises every trained coordinate, padding included, and a
+    noised padding row of A times a noised padding column of B adds a term to
+    the client's model that its rank-r upload cannot carry: the client would
+    train a different model from the one it sends, and spend part of its
+    clipping bound on gradients that are thrown away. Zeroing after the
+    noise is post-processing, so the guarantee is unchanged. Register on the
+    plain optimizer: opacus's DP optimizer steps through it.
+    """
+    if not padded:
+        return
+
+    def zero(*_):
+        with torch.no_grad():
+            for A, B, r in padded:
+                A[r:].zero_()
+                B[:, r:].zero_()
+
+    optimizer.register_step_post_hook(zero)
+
+
 def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, batch_size: int, lr: float,
                 weight_decay: float, seed: int, sampling: str = "shuffle", dp: DPSGD | None = None,
                 secret: SecretSource | None = None, optimizer: str = "adamw", momentum: float = 0.0,
-                dtype: str = "float32", step_losses: list[float] | None = None) -> dict[str, float]:
+                dtype: str = "float32", step_losses: list[float] | None = None,
+                rank_padding: list[tuple[torch.Tensor, torch.Tensor, int]] = ()) -> dict[str, float]:
     """Run ``steps`` optimizer steps (``"adamw"``, or ``"sgd"`` with ``momentum``) on the trainable
     parameters; returns train metrics.
 
@@ -90,6 +115,8 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
     None), never from ``seed``: the seed is public, and whoever knows a
     mechanism's randomness can subtract it. ``step_losses``, when given,
     receives the loss of every step taken (empty draws take none).
+    ``rank_padding`` (:meth:`ResidentModel.rank_padding`) is kept at zero
+    after every step (:func:`keep_rank_padding_zero`).
 
     The returned ``compute_s`` is the wall time of the step loop (forward,
     backward, optimizer steps and their batches): what a round's time would
@@ -98,6 +125,7 @@ def train_steps(model, split: EncodedSplit, indices, *, task: str, steps: int, b
     device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    keep_rank_padding_zero(optimizer, list(rank_padding))
     if dp is not None:
         secret = secret or OS_SECRET
     schedule = local_schedule(indices, steps=steps, batch_size=batch_size, seed=seed, sampling=sampling, dp=dp,
