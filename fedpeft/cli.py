@@ -103,6 +103,10 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
         if cfg.dp.mode != "none":
             with console.status("planning differential privacy (calibrating the noise)"):
                 rt.dp_plan
+        if resume is not None:  # every check of the checkpoint, before any engine starts or anything is written
+            from fedpeft.server.run_folder import RunFolder
+
+            RunFolder(target).resume_point(rt.model.initial)
     except FedPeftError as exc:
         fail(str(exc))
 

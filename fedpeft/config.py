@@ -42,9 +42,8 @@ class FederationConfig:
                            "clients per round))", min=0)
     num_rounds: int = _f(6, "federated rounds", min=1)
     seed: int = _f(0, "seed for sampling, initialisation and local batches", min=0)
-    engine: str = _f("batched", "batched (in-process; each round's sampled clients train together in one batched "
-                                "pass), inprocess (same apps, direct calls, clients one after another) or simulation "
-                                "(Flower's simulation engine, one Ray worker per client_cpus cores)",
+    engine: str = _f("simulation", "simulation (Flower + Ray workers), inprocess (same apps, direct calls) or batched "
+                                   "(in-process; each round's sampled clients train together in one batched pass)",
                      choices=("simulation", "inprocess", "batched"))
     batch_clients: int = _f(0, "engine = batched: clients trained together per pass, to bound memory (0 = all sampled "
                                "clients of the round)", min=0)

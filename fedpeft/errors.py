@@ -13,5 +13,9 @@ class ConfigError(FedPeftError):
     """A config key is unknown, mistyped or out of range."""
 
 
+class CheckpointError(FedPeftError):
+    """A run folder's checkpoint is missing, corrupt, or from another config or code version."""
+
+
 class AssetError(FedPeftError):
     """A model or dataset package is missing or broken."""

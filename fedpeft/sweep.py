@@ -17,7 +17,9 @@ and plot show accuracy against epsilon.
 
 Every run writes its own run folder under ``<out>/<strategy>/<partition>/[eps<e>/]seed<k>``
 and is skipped when that folder already has a ``summary.json``, so an
-interrupted sweep resumes where it stopped. The table (mean ± std over seeds)
+interrupted sweep resumes where it stopped; the run it was in the middle of
+continues from its last checkpoint (or starts again when it has none that
+fits this run's config). The table (mean ± std over seeds)
 and a plot are written at the end.
 """
 
@@ -127,6 +129,17 @@ def run_tables(base: dict, run: SweepRun) -> dict:
     return tables
 
 
+def _resumable(folder: Path, cfg) -> bool:
+    """Whether an unfinished run folder holds a checkpoint of ``cfg`` that this fedpeft can resume."""
+    from fedpeft.errors import CheckpointError
+    from fedpeft.server.run_folder import RunFolder
+
+    try:
+        return RunFolder(folder).checkpoint_config() == json.loads(json.dumps(cfg.to_dict()))
+    except CheckpointError:
+        return False
+
+
 def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None = None,
               on_run: Callable[[int, int, SweepRun, dict | None], None] | None = None,
               shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
@@ -149,13 +162,15 @@ def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None
         elif i % n != k:
             continue
         else:
-            if folder.exists():  # an interrupted run: start it again from scratch
+            cfg = config_from_dict(run_tables(base, run))
+            resume = folder.exists() and _resumable(folder, cfg)
+            if folder.exists() and not resume:  # interrupted before it could be resumed: start it again
                 import shutil
 
                 shutil.rmtree(folder)
             if on_run:
                 on_run(i, len(runs), run, None)
-            summary = run_engine(config_from_dict(run_tables(base, run)), folder)
+            summary = run_engine(cfg, folder, resume=resume)
         metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         errors = [m["aggregation_error"] for m in metrics if m.get("aggregation_error") is not None]
         results.append({

@@ -75,7 +75,7 @@ def test_flwr_run_dot_runs_one_round_and_writes_the_run_folder(tmp_path, read_ru
     # fedit sends every trainable float32 both ways to both clients.
     assert metrics[1]["bytes_up"] == metrics[1]["bytes_down"] == 2 * 4 * summary["trainable_params"]
     assert 0.0 <= summary["final_accuracy"] <= 1.0
-    for name in ("adapter/adapter_model.safetensors", "report.md", "checkpoint/state/state.json"):
+    for name in ("adapter/adapter_model.safetensors", "report.md", "checkpoint/latest.json"):
         assert (out / name).is_file(), name
     print(f"flwr run . took {time.perf_counter() - t0:.0f} s")
 

@@ -20,6 +20,14 @@ class Stop(Exception):
     pass
 
 
+def assert_same_outputs(cut, whole):
+    """The exported adapter and the last checkpointed state, byte for byte."""
+    assert (cut / "adapter/adapter_model.safetensors").read_bytes() == \
+        (whole / "adapter/adapter_model.safetensors").read_bytes()
+    states = [RunFolder(d).checkpoint_state_dir() / "state.safetensors" for d in (cut, whole)]
+    assert states[0].read_bytes() == states[1].read_bytes()
+
+
 def stop_after_round_one(line):
     if line["round"] == 1:
         raise Stop
@@ -51,8 +59,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, extra):
     whole, cut = RunFolder(tmp_path / "whole").read_metrics(), RunFolder(tmp_path / "cut").read_metrics()
     assert [m["round"] for m in cut] == [0, 1, 2, 3]
     assert without_timings(cut) == without_timings(whole)
-    for name in ("adapter/adapter_model.safetensors", "checkpoint/state/state.safetensors"):
-        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert_same_outputs(tmp_path / "cut", tmp_path / "whole")
     s_whole, s_cut = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "cut"))
     assert {k: v for k, v in s_cut.items() if k not in ("wall_s", "config")} == \
            {k: v for k, v in s_whole.items() if k not in ("wall_s", "config")}
@@ -114,5 +121,4 @@ def test_resumed_run_on_the_simulation_engine_equals_uninterrupted_run(tmp_path,
     whole_metrics, cut_metrics = RunFolder(tmp_path / "whole").read_metrics(), RunFolder(tmp_path / "cut").read_metrics()
     assert [m["round"] for m in cut_metrics] == [0, 1, 2]
     assert without_timings(cut_metrics) == without_timings(whole_metrics)
-    for name in ("adapter/adapter_model.safetensors", "checkpoint/state/state.safetensors"):
-        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert_same_outputs(tmp_path / "cut", tmp_path / "whole")

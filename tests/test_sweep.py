@@ -121,13 +121,16 @@ def test_sweep_runs_every_cell_and_writes_its_table(whole_sweep):
 def test_rerunning_a_sweep_resumes_without_running_finished_runs_again(whole_sweep, sweep_file, fedpeft_cli):
     summaries = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in whole_sweep.glob("*/*/seed*/summary.json")}
     assert len(summaries) == 2
-    # An interrupted run (folder without summary.json) is the only one that runs again.
+    # An interrupted run (folder without summary.json) is the only one that runs again, from its checkpoint:
+    # this one was killed after its last round's, so its rounds are not trained or evaluated again.
     cut = whole_sweep / "ffa-lora" / "iid" / "seed0"
     (cut / "summary.json").unlink()
+    rounds = (cut / "metrics.jsonl").read_text()
     proc = fedpeft_cli("sweep", "--config", str(sweep_file), "--out", str(whole_sweep), cwd=sweep_file.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     kept = whole_sweep / "fedit" / "iid" / "seed0" / "summary.json"
     assert (kept.stat().st_mtime_ns, kept.read_bytes()) == summaries[kept], "a finished run ran again"
+    assert (cut / "metrics.jsonl").read_text() == rounds, "the interrupted run started again instead of resuming"
     rerun = json.loads((cut / "summary.json").read_text())
     assert {k: v for k, v in rerun.items() if k != "wall_s"} == \
            {k: v for k, v in json.loads(summaries[cut / "summary.json"][1]).items() if k != "wall_s"}

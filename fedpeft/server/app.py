@@ -81,9 +81,12 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
     strategy = rt.strategy
     initial = rt.model.initial
     plan = rt.dp_plan  # before anything is written: an unreachable target is a config error
-    if resume:
-        state, progress, history = folder.load_checkpoint()
-    else:
+    loaded = folder.resume_point(initial) if resume else None
+    if loaded is not None:
+        state, progress, history = loaded
+        folder.keep_metrics(history)  # only now that every check passed: the lines after the checkpoint go
+    else:  # a new run, or one killed before its first checkpoint: that starts again from round 0
+        resume = False
         folder.create(cfg.to_dict())
         ranks = {str(c): r for c, r in client_ranks(cfg).items()} if cfg.peft.client_ranks else None
         state = strategy.initialize(initial.factors, extras=initial.extras, client_ranks=ranks)
@@ -106,12 +109,13 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
         restore_wrapper(outer, dp_progress.get("wrapper"))
     recorder = RoundRecorder(rt, flower, outer, folder, plan, progress, history, resume=resume, on_round=on_round,
                              started=t0)
-    outer.start(
-        grid=grid,
-        initial_arrays=to_array_record(global_payload(state).arrays()),
-        num_rounds=cfg.federation.num_rounds - done,
-        evaluate_fn=recorder,
-    )
+    if done < cfg.federation.num_rounds:  # else killed after the last round's checkpoint: only the outputs are left
+        outer.start(
+            grid=grid,
+            initial_arrays=to_array_record(global_payload(state).arrays()),
+            num_rounds=cfg.federation.num_rounds - done,
+            evaluate_fn=recorder,
+        )
     folder.export_adapter(rt.model, global_payload(flower.state))
     final = history[-1]
     summary = {

@@ -1,7 +1,9 @@
 """The run folder of DESIGN.md: metrics, summary, adapter, checkpoint, report.
 
 Files are written so that a crash never leaves a half-written one: JSON goes
-to a temporary name first and is renamed into place.
+to a temporary name first, is fsynced and renamed into place; metrics lines
+are fsynced as they are appended; the checkpoint is
+:mod:`fedpeft.server.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpeft.errors import ConfigError, FedPeftError
+from fedpeft.errors import CheckpointError, ConfigError
+from fedpeft.server.checkpoint import Checkpoint, check_state_fits, fsync_write
 from strategies import ServerState
 
 SUMMARY = "summary.json"
@@ -50,9 +53,8 @@ def machine_description(device=None) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
-    tmp.replace(path)
+    """``obj`` as JSON at ``path``, atomically and durably (a temporary file, fsync, rename)."""
+    fsync_write(path, (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode())
 
 
 def _jsonable(obj: Any) -> Any:
@@ -68,16 +70,18 @@ class RunFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.checkpoint = Checkpoint(self.path / CHECKPOINT, self.path)
 
     def create(self, config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / METRICS).write_text("")
-        (self.path / CHECKPOINT).mkdir(exist_ok=True)
-        write_json(self.path / CHECKPOINT / "config.json", config)
+        fsync_write(self.path / METRICS, b"")
+        self.checkpoint.create(config)
 
     def append_metrics(self, line: dict[str, Any]) -> None:
         with open(self.path / METRICS, "a") as fh:
             fh.write(json.dumps(line, default=_jsonable) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         with open(self.path / METRICS) as fh:
@@ -93,26 +97,60 @@ class RunFolder:
         return export_adapter(resident, payload, self.path / ADAPTER)
 
     def save_checkpoint(self, state: ServerState, progress: dict[str, Any]) -> None:
-        """The state after a round, then the progress file that points at it
-        (written last: a crash in between leaves the previous round intact)."""
-        target = self.path / CHECKPOINT
-        state.save(target / "state")
-        write_json(target / "progress.json", progress)
+        """The state and progress after a round (see :meth:`Checkpoint.save`)."""
+        self.checkpoint.save(state, progress, default=_jsonable)
 
     def checkpoint_config(self) -> dict[str, Any]:
-        path = self.path / CHECKPOINT / "config.json"
-        if not path.is_file():
-            raise FedPeftError(f"--resume {self.path}: no {CHECKPOINT}/config.json, so this is not a resumable run folder")
-        return json.loads(path.read_text())
+        """The config the run was started with; a :class:`CheckpointError` when the folder cannot be resumed."""
+        return self.checkpoint.config()
 
-    def load_checkpoint(self) -> tuple[ServerState, dict[str, Any], list[dict[str, Any]]]:
-        """The last saved round: state, progress and the metrics up to it
-        (a metrics line written after the last checkpoint is dropped)."""
-        progress = json.loads((self.path / CHECKPOINT / "progress.json").read_text())
-        state = ServerState.load(self.path / CHECKPOINT / "state")
-        history = [m for m in self.read_metrics() if m["round"] <= progress["round"]]
-        (self.path / METRICS).write_text("".join(json.dumps(m, default=_jsonable) + "\n" for m in history))
+    def checkpoint_state_dir(self) -> Path:
+        """The folder of the last checkpointed round's strategy state."""
+        loaded = json.loads((self.path / CHECKPOINT / "latest.json").read_text())
+        return self.path / CHECKPOINT / loaded["folder"] / "state"
+
+    def load_checkpoint(self) -> tuple[ServerState, dict[str, Any], list[dict[str, Any]]] | None:
+        """The last checkpointed round: state, progress and the metrics lines up to it; None before round 0's.
+
+        Writes nothing (:meth:`keep_metrics` then drops the lines after it).
+        A line of ``metrics.jsonl`` cut off by a kill, and lines of rounds
+        after the checkpoint, are left out; a line missing before it is a
+        :class:`CheckpointError`.
+        """
+        loaded = self.checkpoint.load()
+        if loaded is None:
+            return None
+        state, progress = loaded
+        last = int(progress["round"])
+        history = []
+        text = (self.path / METRICS).read_text() if (self.path / METRICS).is_file() else ""
+        for number, raw in enumerate(text.splitlines(), start=1):
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                if number == len(text.splitlines()) and not text.endswith("\n"):
+                    break  # the line being appended when the run was killed
+                raise CheckpointError(f"--resume {self.path}: {METRICS} line {number} is corrupt; the folder was "
+                                      "left as it is") from None
+            if line.get("round", last + 1) <= last:
+                history.append(line)
+        if [m["round"] for m in history] != list(range(last + 1)):
+            raise CheckpointError(f"--resume {self.path}: {METRICS} holds rounds {[m['round'] for m in history]}, "
+                                  f"but the checkpoint is at round {last} and needs rounds 0..{last}; the folder was "
+                                  "left as it is")
         return state, progress, history
+
+    def resume_point(self, initial) -> tuple[ServerState, dict[str, Any], list[dict[str, Any]]] | None:
+        """:meth:`load_checkpoint`, and the state checked against ``initial`` (the model's initial payload
+        under the checkpoint's config): the whole check a resume needs, writing nothing."""
+        loaded = self.load_checkpoint()
+        if loaded is not None:
+            check_state_fits(loaded[0], initial, f"--resume {self.path}")
+        return loaded
+
+    def keep_metrics(self, history: list[dict[str, Any]]) -> None:
+        """Make ``metrics.jsonl`` exactly ``history`` (the rounds a resumed run keeps)."""
+        fsync_write(self.path / METRICS, "".join(json.dumps(m, default=_jsonable) + "\n" for m in history).encode())
 
     def write_report(self, summary: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
         from fedpeft.reporting import write_plots, write_report
