@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import strategies
 from fedpeft.errors import CheckpointError
 from strategies import ServerState
 
@@ -69,15 +71,11 @@ def code_identity() -> dict[str, str]:
     could compute other rounds from the same state, and the resumed run
     would silently differ from one that never stopped.
     """
-    import fedpeft
-    import strategies
-
     digest = hashlib.sha256()
-    for package in (fedpeft, strategies):
-        root = Path(package.__file__).parent
+    for root in (Path(__file__).resolve().parents[1], Path(strategies.__file__).resolve().parent):
         for path in sorted(root.rglob("*.py")):
             digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return {"fedpeft": fedpeft.__version__, "source_sha256": digest.hexdigest()}
+    return {"fedpeft": importlib.metadata.version("fedpeft"), "source_sha256": digest.hexdigest()}
 
 
 def _sha256(path: Path) -> str:
