@@ -12,6 +12,8 @@ from typing import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from fedpeft.compat.flwr_internals import array_numpy
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -52,7 +54,7 @@ def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    return {k: array_numpy(v) for k, v in record.items()}
 
 
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:

@@ -197,7 +197,6 @@ def test_true_tokens_match_their_own_gradient_and_eager_attention_is_restored(mi
 
 
 @pytest.mark.slow
-@pytest.mark.ci  # a README claim: embedding inversion beats its prior
 def test_embedding_inversion_beats_the_token_prior(minilm):
     from collections import Counter
 

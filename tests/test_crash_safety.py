@@ -139,8 +139,11 @@ def assert_same_run(out: Path, whole: Path, summary: dict | None = None):
         assert summary["final_accuracy"] == summaries[1]["final_accuracy"]
 
 
-def test_kill_9_before_the_first_checkpoint_and_mid_run_then_resume_gives_the_same_summary(tmp_path, whole, overrides):
-    """The measured bug: killed a second after it started, ``--resume`` ended in a FileNotFoundError traceback."""
+def test_kill_9_before_the_first_checkpoint_and_mid_run_then_resume_gives_the_same_summary(tmp_path, whole, overrides,
+                                                                                          fedpeft_cli_in_process):
+    """The measured bug: killed a second after it started, ``--resume`` ended in a FileNotFoundError traceback.
+    Two ``fedpeft run`` processes killed with SIGKILL, then the last resume through the same CLI entry point
+    in this process (the tiny federation runs in-process, no Ray)."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "fedpeft.cli"]
     env = {**os.environ, **TEST_ENV, "COLUMNS": "200"}
@@ -171,8 +174,7 @@ def test_kill_9_before_the_first_checkpoint_and_mid_run_then_resume_gives_the_sa
     kill_when(second, lambda: rounds_done() >= 1, "round 1's checkpoint")
     assert rounds_done() < ROUNDS and not (out / "summary.json").exists()
 
-    third = subprocess.run([*command, "run", "--resume", str(out)], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=600)
+    third = fedpeft_cli_in_process("run", "--resume", str(out), cwd=tmp_path)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
     assert_same_run(out, whole)
 

@@ -102,6 +102,7 @@ def test_exported_adapter_reproduces_the_reported_accuracy(small_run, read_run):
     assert correct / n == pytest.approx(summary["final_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_the_batched_engine_gives_what_the_ray_engine_gives(small_run, tmp_path, read_run):
     """The engine changes where the clients run, not what they compute: the same config on the batched
     (in-process) engine gives the Ray run's accuracies and losses, to the float rounding batching allows."""

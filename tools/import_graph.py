@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     "fedpeft.environment": 0,
     "fedpeft.devices": 1,  # where tensors live, in what precision
     "fedpeft.compat": 1,  # adapters over pinned upstream internals
-    "fedpeft.wire": 1,  # what crosses the wire: record and message keys
+    "fedpeft.wire": 2,  # what crosses the wire: record and message keys (decoded through compat)
     "fedpeft.config": 2,
     "fedpeft.sampling": 3,
     "fedpeft.data": 3,

@@ -18,11 +18,15 @@
   ``Message`` from the process's task identity, which its runtimes set;
   fedpeft's in-process grid and the canary audit play the runtime and set
   it with :func:`set_server_task_identity`.
+* ``Array.data`` is the ``np.save`` bytes of the array: :func:`array_numpy`
+  reads the values after the header without ``np.load``'s parse of it.
 """
 
 from __future__ import annotations
 
 import inspect
+
+import numpy as np
 
 from flwr.app import ArrayRecord
 
@@ -108,3 +112,32 @@ def set_message_id(message, message_id: str) -> None:
         raise RuntimeError("Flower's Message metadata keeps no _message_id: fedpeft's in-process grid sets it "
                            "(fedpeft/compat/flwr_internals.py); install the pinned flwr version")
     message.metadata.__dict__["_message_id"] = message_id
+
+
+_NPY_C_ORDER = b"'fortran_order': False"
+
+
+def array_numpy(array) -> np.ndarray:
+    """``flwr.app.Array.numpy()`` without its ``np.load`` of the whole ``.npy`` buffer.
+
+    Flower stores an array as the bytes ``np.save`` writes: a header, then the
+    values. ``np.load`` re-parses that header with ``ast.literal_eval`` for
+    every array, which is most of a message's decode time for an adapter of a
+    few hundred small tensors. The values are the buffer's last
+    ``prod(shape) * itemsize`` bytes in C order when the header says so; the
+    array's own ``dtype`` and ``shape`` fields, checked against the header's
+    length, say how many. Anything else (Fortran order, an object dtype, a
+    buffer of the wrong size) goes through Flower's own decode and its errors.
+    """
+    data = array.data
+    try:
+        dtype = np.dtype(array.dtype)
+        count = int(np.prod(array.shape, dtype=np.int64))
+    except TypeError:
+        return array.numpy()
+    size = count * dtype.itemsize
+    header = data[: len(data) - size]
+    if dtype.hasobject or len(data) < size or not header.startswith(b"\x93NUMPY") or _NPY_C_ORDER not in header \
+            or not header.endswith(b"\n"):
+        return array.numpy()
+    return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(array.shape).copy()

@@ -68,7 +68,8 @@ class ResidentModel:
             if f.rank > self.rank:
                 raise ValueError(f"{module}: rank {f.rank} exceeds the model's LoRA rank {self.rank}")
             pad = self.rank - f.rank
-            padded[module] = LoRAFactors(A=np.pad(f.A, ((0, pad), (0, 0))), B=np.pad(f.B, ((0, 0), (0, pad))), scaling=f.scaling)
+            padded[module] = f if pad == 0 else LoRAFactors(A=np.pad(f.A, ((0, pad), (0, 0))),
+                                                            B=np.pad(f.B, ((0, 0), (0, pad))), scaling=f.scaling)
             self.ranks[module] = f.rank
             self._layer(module).scaling["default"] = float(f.scaling)
             self.scalings[module] = float(f.scaling)
@@ -97,7 +98,10 @@ class ResidentModel:
         return self._live["live"]
 
     def _layer(self, module: str):
-        return self.model.get_submodule(PREFIX + module)
+        layers = self._live.setdefault("layers", {})  # get_submodule walks the module tree: a cost per call
+        if module not in layers:
+            layers[module] = self.model.get_submodule(PREFIX + module)
+        return layers[module]
 
     def set_residuals(self, residuals) -> None:
         """Make each frozen base weight ``W0 + residuals[module]`` (``W0`` where none is given)."""
