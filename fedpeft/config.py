@@ -47,6 +47,8 @@ class FederationConfig:
                      choices=("simulation", "inprocess", "batched"))
     batch_clients: int = _f(0, "engine = batched: clients trained together per pass, to bound memory (0 = all sampled "
                                "clients of the round)", min=0)
+    max_update_norm: float = _f(0.0, "reject a client's reply whose update (upload minus what it was sent) has an L2 "
+                                      "norm above this, with the reason in metrics.jsonl (0 = no bound)", min=0.0)
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
     client_threads: int = _f(1, "torch threads in each client worker", min=1)
     client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")

@@ -39,6 +39,9 @@ from .flora import FLoRA
 from .hetlora import HetLoRA, RankTruncating
 from .flexlora import FlexLoRA
 from .ties import TIESMerging
+from .coordinate_median import CoordinateMedian
+from .trimmed_mean import TrimmedMean
+from .norm_bounded_fedit import NormBoundedFedIT
 from .testing import check_strategy
 
 __all__ = [
@@ -58,6 +61,9 @@ __all__ = [
     # built-in rules
     "FedIT",
     "FedExLoRA",
+    "CoordinateMedian",
+    "TrimmedMean",
+    "NormBoundedFedIT",
     "FedSALoRA",
     "FedSVD",
     "FFALoRA",

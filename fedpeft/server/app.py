@@ -101,7 +101,8 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
                                 dp_plan=plan, dp_steps=dp_progress.get("steps"), dp_epsilon=dp_progress.get("epsilon"),
                                 secret=secret, num_clients=cfg.federation.num_clients,
                                 shard_sizes=[len(s) for s in rt.shards],
-                                client_eval_clients=cfg.federation.client_eval_clients)
+                                client_eval_clients=cfg.federation.client_eval_clients,
+                                max_update_norm=cfg.federation.max_update_norm)
     outer = flower
     if plan is not None and plan.unit == "client":
         outer = wrap_client_dp(flower, cfg.dp, plan.noise_multiplier, cfg.clients_per_round, flower.private_keys(),

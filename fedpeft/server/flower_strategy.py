@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedpeft.privacy.secret import OS_SECRET, SecretSource
+from fedpeft.server.reply_checks import expected_upload, num_examples_problem, upload_problem
 from fedpeft.sampling import sample_clients, secret_sample_clients
 from fedpeft.wire import (
     ARRAYS,
@@ -139,6 +140,10 @@ class FlowerLoRAStrategy(FlowerStrategy):
         amplification the accountant claims (the OS CSPRNG when None).
     num_clients : int, optional
         Clients in the federation (default: as many as ``nodes``).
+    max_update_norm : float
+        A reply whose update (upload minus what the client was sent) is
+        longer than this is rejected (0 = no bound); every reply is checked
+        by :mod:`fedpeft.server.reply_checks` before the rule sees it.
     shard_sizes : sequence of int, optional
         Each client's examples (public: the aggregation weights and DP
         sample rates already reveal them). A sampled client with none is
@@ -160,7 +165,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
                  clients_per_round: int, seed: int, client_eval: bool = False, round_offset: int = 0, dp_plan=None,
                  dp_steps: dict[int, int] | None = None, dp_epsilon: dict[int, float] | None = None,
                  secret: SecretSource | None = None, *, num_clients: int | None = None,
-                 shard_sizes: Sequence[int] | None = None, client_eval_clients: int = 0):
+                 shard_sizes: Sequence[int] | None = None, client_eval_clients: int = 0, max_update_norm: float = 0.0):
         self.dp_plan = dp_plan
         self.secret = secret or OS_SECRET
         self.dp_steps = {int(c): int(s) for c, s in (dp_steps or {}).items()}
@@ -179,6 +184,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.client_eval_clients = client_eval_clients
+        self.max_update_norm = float(max_update_norm)
         self.rounds: dict[int, RoundLog] = {}
         self._pinned_client_of_node = {n: c for c, n in self.nodes.items()} if isinstance(self.nodes, dict) else None
         self._sent: dict[tuple[str, int], list[tuple[Message, int]]] = {}  # (phase, round) -> (message, client)
@@ -284,14 +290,15 @@ class FlowerLoRAStrategy(FlowerStrategy):
                 log_.failed.append(self._failure(None, "rejected: the reply names no client", msg.metadata.src_node_id))
                 continue
             answered.add(cid)
-            arrays = from_array_record(msg.content[ARRAYS])
-            metrics = dict(msg.content[METRICS])
-            self._record_spend(cid, metrics)
+            arrays, metrics, problem = self._read_reply(msg, cid)
+            if problem is not None:  # never aggregated; its DP spend (if it says one) is on record all the same
+                log_.failed.append(self._failure(cid, f"rejected: {problem}"))
+                continue
             # Client-level DP calibrates its noise to a uniform mean: every client counts once.
             n = 1 if self.client_dp else int(metrics[NUM_EXAMPLES])
             try:
-                update = self.strategy.receive(self.state, str(cid), self.uploaded(arrays), n, metrics=metrics)
-            except ValueError as exc:  # a malformed upload is rejected, not aggregated
+                update = self.strategy.receive(self.state, str(cid), arrays, n, metrics=metrics)
+            except ValueError as exc:  # what the checks let through but the rule cannot take
                 log_.failed.append(self._failure(cid, f"rejected: {exc}"))
                 continue
             log_.bytes_up += nbytes(arrays)
@@ -332,6 +339,30 @@ class FlowerLoRAStrategy(FlowerStrategy):
     def _note(self, cid, reason: str) -> dict:
         """A client's line in the metrics; under client-level DP without its id (sampling is secret)."""
         return {"reason": reason} if self.client_dp else {"client": cid, "reason": reason}
+
+    def _read_reply(self, msg: Message, cid: int) -> tuple[dict, dict, str | None]:
+        """A train reply's uploaded arrays and metrics, and why they must be rejected (None: they may be aggregated).
+
+        See :mod:`fedpeft.server.reply_checks`. Nothing a client sends can
+        make this raise.
+        """
+        try:
+            metrics = dict(msg.content[METRICS])
+        except (KeyError, TypeError) as exc:
+            return {}, {}, f"no metrics record ({exc})"
+        try:
+            self._record_spend(cid, metrics)
+        except (TypeError, ValueError) as exc:
+            return {}, metrics, f"unreadable DP spend ({exc})"
+        problem = num_examples_problem(metrics.get(NUM_EXAMPLES))
+        if problem is not None:
+            return {}, metrics, problem
+        try:
+            arrays = self.uploaded(from_array_record(msg.content[ARRAYS]))
+        except Exception as exc:  # a record that does not decode, whatever the decoder raises
+            return {}, metrics, f"arrays that do not decode ({type(exc).__name__}: {exc})"
+        expected = expected_upload(self.strategy, self.state, str(cid))
+        return arrays, metrics, upload_problem(arrays, expected, self.max_update_norm)
 
     def _failure(self, cid, reason: str, node: int | None = None) -> dict:
         """A failed client's line; a reply that names no client is told by its node."""
