@@ -49,6 +49,12 @@ class FederationConfig:
                                "clients of the round)", min=0)
     max_update_norm: float = _f(0.0, "reject a client's reply whose update (upload minus what it was sent) has an L2 "
                                       "norm above this, with the reason in metrics.jsonl (0 = no bound)", min=0.0)
+    byzantine_fraction: float = _f(0.0, "share of the clients that send hostile uploads (a seeded, fixed set; at "
+                                         "least one when > 0): a robustness experiment, 0 = none", min=0.0, max=1.0)
+    byzantine_attack: str = _f("scale", "what a hostile client sends: scale (its update times byzantine_strength), "
+                                        "sign-flip (the same reversed) or noise (Gaussian, byzantine_strength times "
+                                        "its update's RMS)", choices=("scale", "sign-flip", "noise"))
+    byzantine_strength: float = _f(10.0, "the hostile clients' factor (see byzantine_attack)", min=0.0)
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
     client_threads: int = _f(1, "torch threads in each client worker", min=1)
     client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")

@@ -164,6 +164,30 @@ def test_under_client_dp_a_rejected_reply_counts_as_a_zero_update():
         np.testing.assert_allclose(released[k], sent[k] + 2.0 / 3.0, rtol=1e-5, atol=1e-5)
 
 
+def test_under_client_dp_the_wrapper_aggregates_past_a_malformed_and_a_lost_reply():
+    """Through Flower's DP wrapper (which clips before fedpeft's adapter sees a reply, and skips a round with any
+    error reply): a reply of the wrong shapes and a lost one are screened out first and count as zero updates."""
+    from fedpeft.privacy.client_level import wrap_client_dp
+
+    cfg = load_config(None, TINY + ['dp.mode="client"', "dp.noise_multiplier=1.0", "dp.delta=0.1",
+                                    "federation.num_clients=3"])
+    flower, rt = flower_strategy(cfg)
+    wrapper = wrap_client_dp(flower, cfg.dp, 1.0, 3, flower.private_keys())
+    grid = InProcessGrid(make_client_app(cfg), 3)
+    start = to_array_record(global_payload(flower.state).arrays())
+    messages = list(wrapper.configure_train(1, start, ConfigRecord(), grid))
+    replies = grid.send_and_receive(messages)
+    by_node = {m.metadata.src_node_id: m for m in replies}
+    arrays = from_array_record(by_node[2].content[ARRAYS])
+    by_node[2].content[ARRAYS] = to_array_record({k: v[..., :1] for k, v in arrays.items()})
+    lost = Message(Error(code=0, reason="worker died"), reply_to=messages[2])
+    released, _ = wrapper.aggregate_train(1, [by_node[1], by_node[2], lost])
+    assert released is not None  # aggregated (Flower's wrapper alone returns None on any error reply)
+    failed = flower.rounds[1].failed
+    assert sorted(f["reason"].split(":")[0] for f in failed) == ["rejected", "worker died"], failed
+    assert all("client" not in f for f in failed)  # who was sampled stays secret under client-level DP
+
+
 def test_spend_is_recorded_for_rejected_and_lost_replies():
     cfg = load_config(None, TINY + SAMPLE + ["federation.num_clients=3"])
     flower, rt = flower_strategy(cfg)

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpeft.client.byzantine import hostile_clients, hostile_upload
 from fedpeft.config import Config, batch_sampling
 from fedpeft.devices import client_device
 from fedpeft.validation import config_from_run_config
@@ -208,6 +210,10 @@ class ClientHandlers:
             metrics = {STEPS: metrics[STEPS]}
         if accountant is not None:
             metrics.update({DP_EPSILON: accountant.epsilon(conf.dp.delta), DP_STEPS: accountant.steps})
+        fed = conf.federation
+        if cid in hostile_clients(fed.num_clients, fed.byzantine_fraction, fed.seed):
+            rng = np.random.default_rng([fed.seed, 0xB12, job.seed])
+            local = hostile_upload(local, job.payload, fed.byzantine_attack, fed.byzantine_strength, rng)
         update = ClientUpdate(client_id=str(cid), factors=local.factors, num_examples=len(shard), extras=local.extras)
         if conf.dp.mode == "client":
             # Flower's clipping pairs the reply's arrays with the ones sent, key by key.

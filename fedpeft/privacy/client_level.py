@@ -77,7 +77,8 @@ class _NoisePrivateArraysOnly(DPWrapperHooks):
         # One fresh secret stream per round: nothing to store, and with a user secret a resumed run
         # draws the same noise as one that never stopped.
         self.noise_rng = self.secret.generator("server-noise", self.round_offset + server_round)
-        return super().aggregate_train(server_round, replies)
+        screen = getattr(self.strategy, "screen_replies", None)  # fedpeft's adapter: bad replies become zero updates
+        return super().aggregate_train(server_round, screen(server_round, replies) if screen else replies)
 
     def update_clipping_norm(self, clipped_fraction: float) -> None:
         self.round_clipping_norm = self.clipping_norm

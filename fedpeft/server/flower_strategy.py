@@ -189,6 +189,8 @@ class FlowerLoRAStrategy(FlowerStrategy):
         self._pinned_client_of_node = {n: c for c, n in self.nodes.items()} if isinstance(self.nodes, dict) else None
         self._sent: dict[tuple[str, int], list[tuple[Message, int]]] = {}  # (phase, round) -> (message, client)
         self._sent_steps: dict[tuple[int, int], int] = {}  # (round, client) -> DP-SGD steps on record when sent
+        self._screened: dict[int, set[int]] = {}  # round -> clients screen_replies already recorded as failed
+        self._screened_ids: dict[int, dict[str, int]] = {}  # round -> the sent-message map screen_replies read
 
     def summary(self) -> None:
         log(INFO, "\t├──> fedpeft strategy: %s", self.strategy.describe())
@@ -276,8 +278,8 @@ class FlowerLoRAStrategy(FlowerStrategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         log_ = self.rounds.setdefault(server_round, RoundLog())
-        updates, losses, weights, answered, lost = [], [], [], set(), set()
-        by_id = self._sent_clients("train", server_round)
+        updates, losses, weights, answered, lost = [], [], [], self._screened.pop(server_round, set()), set()
+        by_id = self._screened_ids.pop(server_round, None) or self._sent_clients("train", server_round)
         for msg in replies:
             cid = self._client_of(msg, by_id)
             if msg.has_error():
@@ -339,6 +341,36 @@ class FlowerLoRAStrategy(FlowerStrategy):
     def _note(self, cid, reason: str) -> dict:
         """A client's line in the metrics; under client-level DP without its id (sampling is secret)."""
         return {"reason": reason} if self.client_dp else {"client": cid, "reason": reason}
+
+    def screen_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Client level: the replies Flower's DP wrapper may clip; the others are recorded as failed here.
+
+        The wrapper clips every reply against the global arrays before this
+        adapter sees any (a reply of other shapes would crash it), and skips
+        the round's aggregation when any reply is an error. So the wrapper
+        calls this first: what it drops counts as a zero update, as a lost
+        client does, and the mean keeps the sensitivity the noise is for.
+        """
+        server_round += self.round_offset
+        log_ = self.rounds.setdefault(server_round, RoundLog())
+        by_id = self._screened_ids[server_round] = self._sent_clients("train", server_round)
+        kept = []
+        for msg in replies:
+            cid = self._client_of(msg, by_id)
+            if msg.has_error():
+                reason = msg.error.reason
+            elif cid is None:
+                reason = "rejected: the reply names no client"
+            else:
+                problem = self._read_reply(msg, cid)[2]
+                reason = None if problem is None else f"rejected: {problem}"
+            if reason is None:
+                kept.append(msg)
+                continue
+            log_.failed.append(self._failure(cid, reason, msg.metadata.src_node_id))
+            if cid is not None:
+                self._screened.setdefault(server_round, set()).add(cid)
+        return kept
 
     def _read_reply(self, msg: Message, cid: int) -> tuple[dict, dict, str | None]:
         """A train reply's uploaded arrays and metrics, and why they must be rejected (None: they may be aggregated).
