@@ -130,14 +130,22 @@ def run_tables(base: dict, run: SweepRun) -> dict:
 
 
 def _resumable(folder: Path, cfg) -> bool:
-    """Whether an unfinished run folder holds a checkpoint of ``cfg`` that this fedpeft can resume."""
+    """Whether an unfinished run folder holds a checkpoint of ``cfg`` that this fedpeft can resume.
+
+    Its config must be ``cfg``'s and its last round (if any) intact; a
+    folder that fails either is started again rather than stopping the sweep.
+    """
     from fedpeft.errors import CheckpointError
     from fedpeft.server.run_folder import RunFolder
 
+    run = RunFolder(folder)
     try:
-        return RunFolder(folder).checkpoint_config() == json.loads(json.dumps(cfg.to_dict()))
+        if run.checkpoint_config() != json.loads(json.dumps(cfg.to_dict())):
+            return False
+        run.load_checkpoint()  # the digests and the metrics it needs; None (no round yet) resumes from round 0
     except CheckpointError:
         return False
+    return True
 
 
 def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None = None,

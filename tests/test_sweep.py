@@ -156,3 +156,17 @@ def test_a_bad_shard_is_one_line_and_runs_nothing(sweep_file, fedpeft_cli_in_pro
                        cwd=tmp_path)
     assert_user_error(proc, "--shard", "0 <= K < N")
     assert not (tmp_path / "x").exists()
+
+
+def test_an_interrupted_run_with_a_corrupt_checkpoint_starts_again_instead_of_stopping_the_sweep(
+        whole_sweep, sweep_file, fedpeft_cli):
+    cut = whole_sweep / "fedit" / "iid" / "seed0"
+    expected = json.loads((cut / "summary.json").read_text())
+    (cut / "summary.json").unlink()
+    latest = json.loads((cut / "checkpoint" / "latest.json").read_text())
+    state = cut / "checkpoint" / latest["folder"] / "state" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])  # truncated: its digest no longer matches
+    proc = fedpeft_cli("sweep", "--config", str(sweep_file), "--out", str(whole_sweep), cwd=sweep_file.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rerun = json.loads((cut / "summary.json").read_text())
+    assert {k: v for k, v in rerun.items() if k != "wall_s"} == {k: v for k, v in expected.items() if k != "wall_s"}
