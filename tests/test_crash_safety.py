@@ -98,7 +98,6 @@ def test_a_run_cut_at_any_step_of_its_checkpoint_resumes_to_the_uninterrupted_re
                                                                                      overrides, cut):
     owner, name, nth, when, only = CUTS[cut]
     if when == "half":
-        cut_at(monkeypatch, owner, name, nth, "before")
         monkeypatch.setattr(owner, name, _half_on_nth(getattr(owner, name), nth))
     else:
         cut_at(monkeypatch, owner, name, nth, when, **({"only": only} if only else {}))
