@@ -47,6 +47,7 @@ class ResidentModel:
     originals: dict = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
     _live: dict = field(default_factory=dict, repr=False)  # the adapter's tensors, found on the first swap
+    _layers: dict = field(default_factory=dict, repr=False)  # module -> its LoRA layer (get_submodule walks the tree)
 
     @property
     def device(self) -> torch.device:
@@ -58,8 +59,9 @@ class ResidentModel:
 
         Factors of a lower rank than the model's are zero-padded: the padded
         rows of A and columns of B get zero gradients, and a local optimizer
-        under :func:`fedpeft.training.loop.keep_rank_padding_zero` keeps them zero when DP noise
-        lands on them, so the client trains at exactly its own rank. Each module takes the payload's
+        under :func:`fedpeft.training.loop.keep_rank_padding_zero` keeps them
+        zero when DP noise lands on them, so the client trains at exactly its
+        own rank. Each module takes the payload's
         scaling. Residuals are added to the frozen base weights. ``trainable``
         (a strategy's ``trainable``) freezes factors that must not train.
         """
@@ -98,10 +100,9 @@ class ResidentModel:
         return self._live["live"]
 
     def _layer(self, module: str):
-        layers = self._live.setdefault("layers", {})  # get_submodule walks the module tree: a cost per call
-        if module not in layers:
-            layers[module] = self.model.get_submodule(PREFIX + module)
-        return layers[module]
+        if module not in self._layers:
+            self._layers[module] = self.model.get_submodule(PREFIX + module)
+        return self._layers[module]
 
     def set_residuals(self, residuals) -> None:
         """Make each frozen base weight ``W0 + residuals[module]`` (``W0`` where none is given)."""
