@@ -55,6 +55,19 @@ class FederationConfig:
                                         "sign-flip (the same reversed) or noise (Gaussian, byzantine_strength times "
                                         "its update's RMS)", choices=("scale", "sign-flip", "noise"))
     byzantine_strength: float = _f(10.0, "the hostile clients' factor (see byzantine_attack)", min=0.0)
+    failure_rate: float = _f(0.0, "fault injection: chance that a sampled client crashes before it answers (seeded "
+                                   "per round, attempt and client; from the DP secret under client-level DP); 0 = none",
+                             min=0.0, max=1.0)
+    straggler_rate: float = _f(0.0, "fault injection: chance that a sampled client answers only after "
+                                     "round_timeout, so the round goes on without it (needs round_timeout > 0)",
+                               min=0.0, max=1.0)
+    round_timeout: float = _f(0.0, "seconds the server waits for a round's replies (Flower's timeout; 0 = an hour); "
+                                    "a client that has not answered by then counts as failed", min=0.0)
+    min_clients: int = _f(1, "a round aggregates when at least this many sampled clients answered (with an update "
+                             "that passes the checks); fewer: the round is run again with a fresh sample, "
+                             "round_retries times, then the run stops", min=1)
+    round_retries: int = _f(2, "how many times a round with fewer than min_clients answers is run again (fresh "
+                               "sample) before the run stops", min=0)
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
     client_threads: int = _f(1, "torch threads in each client worker", min=1)
     client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")

@@ -71,7 +71,8 @@ def run_simulation_engine(cfg: Config, out: Path, on_round=None, resume: bool = 
     from fedpeft.server import make_server_app
 
     summaries: list[dict[str, Any]] = []  # the ServerApp runs in a thread of this process
-    server_app = make_server_app(cfg, out, on_round, resume, on_summary=summaries.append)
+    errors: list[Exception] = []
+    server_app = make_server_app(cfg, out, on_round, resume, on_summary=summaries.append, on_error=errors.append)
     client_app = make_client_app(cfg)
     backend_config = simulation_backend_config(cfg)
     run_simulation(
@@ -80,6 +81,8 @@ def run_simulation_engine(cfg: Config, out: Path, on_round=None, resume: bool = 
         num_supernodes=cfg.num_nodes,
         backend_config=backend_config,
     )
+    if errors:
+        raise errors[0]
     if not summaries:
         raise RuntimeError(f"Flower's simulation ended without the ServerApp finishing the run in {out}; see its log above")
     return summaries[0]

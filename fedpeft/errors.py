@@ -19,3 +19,7 @@ class CheckpointError(FedPeftError):
 
 class AssetError(FedPeftError):
     """A model or dataset package is missing or broken."""
+
+
+class FederationError(FedPeftError):
+    """The federation cannot go on as configured (too few clients answer a round, whatever it retries)."""

@@ -17,11 +17,15 @@ import numpy as np
 __all__ = ["sample_clients", "participation", "secret_sample_clients"]
 
 
-def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
-    """The clients of one round: a seeded draw without replacement, sorted."""
+def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int, attempt: int = 0) -> list[int]:
+    """The clients of one round: a seeded draw without replacement, sorted.
+
+    ``attempt`` > 0 draws the fresh sample of a round run again because too
+    few clients answered (``federation.min_clients``).
+    """
     if per_round >= num_clients:
         return list(range(num_clients))
-    rng = np.random.default_rng([seed, server_round])
+    rng = np.random.default_rng([seed, server_round] + ([attempt] if attempt else []))
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
 
 
@@ -33,9 +37,10 @@ def participation(num_clients: int, per_round: int, seed: int, num_rounds: int) 
     return counts
 
 
-def secret_sample_clients(num_clients: int, per_round: int, secret, server_round: int) -> list[int]:
-    """The clients of one round drawn without replacement from ``secret`` (a :class:`~fedpeft.privacy.secret.SecretSource`)."""
+def secret_sample_clients(num_clients: int, per_round: int, secret, server_round: int, attempt: int = 0) -> list[int]:
+    """The clients of one round (try ``attempt``) drawn without replacement from ``secret``
+    (a :class:`~fedpeft.privacy.secret.SecretSource`)."""
     if per_round >= num_clients:
         return list(range(num_clients))
-    rng = secret.generator("client-sampling", server_round)
+    rng = secret.generator("client-sampling", server_round, *([attempt] if attempt else []))
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))

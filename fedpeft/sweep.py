@@ -11,11 +11,17 @@ plus a ``[sweep]`` table::
     epsilons = [inf, 8, 1]                              # optional: DP target epsilons
     full = ["federation.num_rounds=6"]                  # applied with --full
 
+    [sweep.conditions]                                  # optional: named sets of overrides, one column each
+    "no faults" = []
+    "20% fail" = ["federation.failure_rate=0.2"]
+
 With ``epsilons``, each run sets ``dp.target_epsilon`` (``inf`` = no DP) in
 the config's ``dp.mode`` (``"sample"`` if the config has none), and the table
-and plot show accuracy against epsilon.
+and plot show accuracy against epsilon. With ``conditions``, every run is
+repeated under each named set of overrides (faults, hostile clients, ...),
+and each condition is a column of the table.
 
-Every run writes its own run folder under ``<out>/<strategy>/<partition>/[eps<e>/]seed<k>``
+Every run writes its own run folder under ``<out>/<strategy>/<partition>/[eps<e>/][<condition>/]seed<k>``
 and is skipped when that folder already has a ``summary.json``, so an
 interrupted sweep resumes where it stopped; the run it was in the middle of
 continues from its last checkpoint (or starts again when it has none that
@@ -38,7 +44,7 @@ from fedpeft.config import parse_override
 from fedpeft.validation import config_from_dict
 from fedpeft.errors import ConfigError
 
-SWEEP_KEYS = {"name", "seeds", "strategies", "partitions", "epsilons", "full", "budget"}
+SWEEP_KEYS = {"name", "seeds", "strategies", "partitions", "epsilons", "conditions", "full", "budget"}
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,39 @@ class SweepRun:
     overrides: tuple[str, ...]
     epsilon: float | None = None  # the DP target of an epsilon sweep (inf = no DP)
     column: str = ""  # the table column: the partition, or epsilon (and partition) in an epsilon sweep
+    condition: str = ""  # the name of its sweep.conditions entry ("" = none)
 
     @property
     def folder(self) -> Path:
         eps = () if self.epsilon is None else (f"eps{self.epsilon:g}",)
-        return Path(self.strategy, self.partition, *eps, f"seed{self.seed}")
+        cond = (condition_folder(self.condition),) if self.condition else ()
+        return Path(self.strategy, self.partition, *eps, *cond, f"seed{self.seed}")
+
+
+def condition_folder(name: str) -> str:
+    """A condition's name as a folder name: letters, digits, '-' and '.' (others become '-')."""
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in name.replace("%", "pct")).strip("-") or "condition"
+
+
+def sweep_conditions(sweep: dict) -> dict[str, list[str]]:
+    """``sweep.conditions`` checked: names to lists of ``section.key=value`` overrides ({"": []} when absent)."""
+    conditions = sweep.get("conditions")
+    if conditions is None:
+        return {"": []}
+    if not isinstance(conditions, dict) or not conditions:
+        raise ConfigError("sweep.conditions must be a table of named override lists, e.g. "
+                          "{\"no faults\" = [], \"20% fail\" = [\"federation.failure_rate=0.2\"]}")
+    folders: dict[str, str] = {}
+    for name, overrides in conditions.items():
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ConfigError(f"sweep.conditions.{name!r} = {overrides!r}: give a list of \"section.key=value\" strings")
+        for text in overrides:
+            parse_override(text)
+        other = folders.setdefault(condition_folder(name), name)
+        if other != name:
+            raise ConfigError(f"sweep.conditions {other!r} and {name!r} share the folder name "
+                              f"{condition_folder(name)!r}; rename one")
+    return {str(k): list(v) for k, v in conditions.items()}
 
 
 def epsilon_label(epsilon: float) -> str:
@@ -103,6 +137,7 @@ def load_sweep(path: Path, full: bool = False, extra: list[str] | None = None) -
     partitions = sweep.get("partitions", ["dirichlet:0.5"])
     epsilons = sweep.get("epsilons", [None])
     mode = tables.get("dp", {}).get("mode", "none")
+    conditions = sweep_conditions(sweep)
     for strategy in sweep.get("strategies", [tables.get("strategy", {}).get("name", "fedit")]):
         for partition in partitions:
             for epsilon in epsilons:
@@ -110,11 +145,14 @@ def load_sweep(path: Path, full: bool = False, extra: list[str] | None = None) -
                 column = partition.replace(":", "-")
                 if epsilon is not None:
                     column = epsilon_label(float(epsilon)) + (f" ({column})" if len(partitions) > 1 else "")
-                for seed in sweep.get("seeds", [0]):
-                    runs.append(SweepRun(strategy, partition.replace(":", "-"), int(seed),
-                                         (f'strategy.name="{strategy}"', *partition_overrides(partition), *dp,
-                                          f"federation.seed={int(seed)}"),
-                                         None if epsilon is None else float(epsilon), column))
+                for condition, extra_overrides in conditions.items():
+                    label = column if not condition else (condition if len(partitions) == 1 and epsilon is None
+                                                           else f"{condition} ({column})")
+                    for seed in sweep.get("seeds", [0]):
+                        runs.append(SweepRun(strategy, partition.replace(":", "-"), int(seed),
+                                             (f'strategy.name="{strategy}"', *partition_overrides(partition), *dp,
+                                              *extra_overrides, f"federation.seed={int(seed)}"),
+                                             None if epsilon is None else float(epsilon), label, condition))
     for run in runs:  # every run's config must be valid before the first one starts
         run_tables(tables, run)
     return sweep, runs, tables
@@ -183,6 +221,7 @@ def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None
         errors = [m["aggregation_error"] for m in metrics if m.get("aggregation_error") is not None]
         results.append({
             "strategy": run.strategy, "partition": run.column or run.partition, "seed": run.seed,
+            "condition": run.condition or None,
             "target_epsilon": run.epsilon, "epsilon": summary.get("epsilon"),
             "accuracy": summary["final_accuracy"], "bytes": summary["bytes_up"] + summary["bytes_down"],
             "wall_s": summary["wall_s"], "aggregation_error": float(np.mean(errors)) if errors else None,

@@ -60,6 +60,7 @@ def validate(cfg: Config, *, role: str = "server") -> None:
             f"federation.num_nodes = {fed.num_nodes} exceeds federation.num_clients = {fed.num_clients}; "
             f"use a value in 0..{fed.num_clients} (0 = min(num_clients, clients per round))"
         )
+    validate_faults(cfg)
     validate_device(cfg, role=role)
     spec = validate_model(cfg)
     validate_data(cfg, spec.task)
@@ -76,6 +77,22 @@ def validate(cfg: Config, *, role: str = "server") -> None:
             f"use one of: {', '.join(able)}"
         )
     validate_dp(cfg, strategy)
+
+
+def validate_faults(cfg: Config) -> None:
+    """Fault injection and the round quorum fit together and can be met."""
+    fed = cfg.federation
+    if fed.failure_rate + fed.straggler_rate >= 1:
+        raise ConfigError(f"federation.failure_rate + federation.straggler_rate = "
+                          f"{fed.failure_rate + fed.straggler_rate:g} loses every client of every round; keep the sum "
+                          "below 1")
+    if fed.straggler_rate > 0 and fed.round_timeout <= 0:
+        raise ConfigError(f"federation.straggler_rate = {fed.straggler_rate:g} simulates clients that answer after "
+                          "federation.round_timeout, which is 0 (the server waits up to an hour and gets every reply); "
+                          "set federation.round_timeout to the seconds the server waits, e.g. 600")
+    if fed.min_clients > cfg.clients_per_round:
+        raise ConfigError(f"federation.min_clients = {fed.min_clients} exceeds the {cfg.clients_per_round} clients "
+                          f"sampled each round; use a value in 1..{cfg.clients_per_round}")
 
 
 def validate_device(cfg: Config, role: str = "server") -> None:

@@ -29,6 +29,9 @@ CLIENT_ID = "client-id"
 """ConfigRecord key of train and evaluate messages: the fedpeft client the receiving node runs the message as.
 Nodes are executors and clients are data, so a few nodes serve any number of clients; a message without it
 runs as its node's ``partition-id`` (``flwr run .`` with one SuperNode per client)."""
+ATTEMPT = "attempt"
+"""ConfigRecord key of train messages: which try of the round this is (0, then 1.. when a round with too few
+answers is run again with a fresh sample; ``federation.round_retries``)."""
 NUM_CLIENTS = "num-clients"
 """Query reply metric: the clients the node's config partitions the data into (the server checks it is its own)."""
 STEPS = "steps"

@@ -21,13 +21,19 @@ from fedpeft.environment import quiet_environment
 from fedpeft.runtime import runtime
 from fedpeft.privacy.client_level import wrap_client_dp
 from fedpeft.privacy.secret import secret_source
+from fedpeft.errors import FedPeftError
+from fedpeft.server.fault_injection import FaultInjectingGrid
 from fedpeft.server.flower_strategy import FlowerLoRAStrategy, global_payload
 from fedpeft.server.privacy_log import restore_wrapper, run_privacy
+from fedpeft.server.round_quorum import RoundQuorum
 from fedpeft.server.round_recorder import RoundRecorder
 from fedpeft.server.run_folder import RunFolder, default_run_dir, machine_description
 from fedpeft.wire import METRICS, NUM_CLIENTS, to_array_record
 
 OnRound = Callable[[dict[str, Any]], None]
+
+FLOWER_TIMEOUT = 3600.0
+"""Seconds Flower waits for a round's replies when ``federation.round_timeout`` is 0 (Flower's own default)."""
 
 
 def discover_nodes(grid: Grid, num_nodes: int, num_clients: int, timeout: float = 600.0) -> list[int]:
@@ -102,19 +108,26 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
                                 secret=secret, num_clients=cfg.federation.num_clients,
                                 shard_sizes=[len(s) for s in rt.shards],
                                 client_eval_clients=cfg.federation.client_eval_clients,
-                                max_update_norm=cfg.federation.max_update_norm)
+                                max_update_norm=cfg.federation.max_update_norm,
+                                min_clients=cfg.federation.min_clients, round_timeout=cfg.federation.round_timeout)
     outer = flower
     if plan is not None and plan.unit == "client":
         outer = wrap_client_dp(flower, cfg.dp, plan.noise_multiplier, cfg.clients_per_round, flower.private_keys(),
                                secret, round_offset=done)
         restore_wrapper(outer, dp_progress.get("wrapper"))
+    fed = cfg.federation
+    if fed.failure_rate > 0 or fed.straggler_rate > 0:
+        grid = FaultInjectingGrid(grid, fed.failure_rate, fed.straggler_rate, fed.seed,
+                                  secret if flower.client_dp else None)
+    quorum = RoundQuorum(outer, flower, fed.round_retries, retry_refused=_retry_refused(cfg, plan))
     recorder = RoundRecorder(rt, flower, outer, folder, plan, progress, history, resume=resume, on_round=on_round,
                              started=t0)
     if done < cfg.federation.num_rounds:  # else killed after the last round's checkpoint: only the outputs are left
-        outer.start(
+        quorum.start(
             grid=grid,
             initial_arrays=to_array_record(global_payload(state).arrays()),
             num_rounds=cfg.federation.num_rounds - done,
+            timeout=fed.round_timeout or FLOWER_TIMEOUT,
             evaluate_fn=recorder,
         )
     folder.export_adapter(rt.model, global_payload(flower.state))
@@ -155,11 +168,22 @@ def run_federation(grid: Grid, cfg: Config, out: Path, on_round: OnRound | None 
     return summary
 
 
+def _retry_refused(cfg: Config, plan) -> str | None:
+    """Why this run may not run a round again (see :mod:`fedpeft.server.round_quorum`), None if it may."""
+    if plan is None or plan.unit != "sample" or cfg.dp.target_epsilon <= 0:
+        return None
+    return (f"the DP-SGD noise is calibrated for dp.target_epsilon = {cfg.dp.target_epsilon:g} over each client's "
+            "planned rounds, and another try would train clients beyond it; lower federation.min_clients, or set "
+            "dp.noise_multiplier with dp.target_epsilon = 0 (the reported epsilon then counts the extra tries)")
+
+
 def make_server_app(cfg: Config | None = None, out: Path | None = None, on_round: OnRound | None = None,
-                    resume: bool = False, on_summary: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+                    resume: bool = False, on_summary: Callable[[dict[str, Any]], None] | None = None,
+                    on_error: Callable[[FedPeftError], None] | None = None) -> ServerApp:
     """A ServerApp for ``cfg`` writing to (or, with ``resume``, continuing) ``out``;
     without them, both come from the run config (``flwr run .``). ``on_summary``
-    receives the finished run's summary."""
+    receives the finished run's summary; ``on_error``, when given, a user-facing
+    error that stopped it (Flower's simulation would only log it)."""
     app = ServerApp()
 
     @app.main()
@@ -167,7 +191,13 @@ def make_server_app(cfg: Config | None = None, out: Path | None = None, on_round
         quiet_environment()
         conf = cfg if cfg is not None else config_from_run_config(context.run_config)
         target = out or Path(str(context.run_config.get("out") or default_run_dir(conf)))
-        summary = run_federation(grid, conf, target, on_round, resume)
+        try:
+            summary = run_federation(grid, conf, target, on_round, resume)
+        except FedPeftError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+            return
         if on_summary is not None:
             on_summary(summary)
 

@@ -33,6 +33,7 @@ from fedpeft.server.reply_checks import expected_upload, num_examples_problem, u
 from fedpeft.sampling import sample_clients, secret_sample_clients
 from fedpeft.wire import (
     ARRAYS,
+    ATTEMPT,
     CLIENT_ID,
     CONFIG,
     DP_EPSILON,
@@ -100,6 +101,8 @@ class RoundLog:
     epsilon: dict[int, float] = field(default_factory=dict)  # sample-level DP: each trained client's epsilon so far
     # Seconds the clients spent in their step loops, summed; None under DP, where it stays on the client.
     compute_s: float | None = None
+    # Tries of this round voided for too few answers (federation.min_clients): what each sent and what came back.
+    retries: list[dict] = field(default_factory=list)
 
 
 class FlowerLoRAStrategy(FlowerStrategy):
@@ -148,12 +151,21 @@ class FlowerLoRAStrategy(FlowerStrategy):
         Each client's examples (public: the aggregation weights and DP
         sample rates already reveal them). A sampled client with none is
         sent nothing and noted in the round's ``skipped`` list.
+    min_clients : int
+        Good replies a round needs (:meth:`good_replies`); a round with fewer
+        is voided (:meth:`void_attempt`) and run again by
+        :class:`fedpeft.server.round_quorum.RoundQuorum`.
+    round_timeout : float
+        The server's wait for replies (0 = Flower's default), named in the
+        reason of a client that did not answer.
 
     Notes
     -----
     Under client-level DP nothing computed from an individual upload is
     kept for release: no train loss, no aggregation error, no client ids
-    (who was sampled is secret). A sampled client whose reply is missing or
+    (who was sampled is secret), no line for a reply rejected for what it
+    holds (the reason, even its existence, is a function of the client's
+    data that no noise covers; the reply counts as a zero update). A sampled client whose reply is missing or
     rejected counts as a zero update, so the mean stays the sum of ``m``
     clipped updates over ``m``, the sensitivity the noise is scaled for.
     Under sample-level DP every sampled client's spend is recorded, from
@@ -165,7 +177,8 @@ class FlowerLoRAStrategy(FlowerStrategy):
                  clients_per_round: int, seed: int, client_eval: bool = False, round_offset: int = 0, dp_plan=None,
                  dp_steps: dict[int, int] | None = None, dp_epsilon: dict[int, float] | None = None,
                  secret: SecretSource | None = None, *, num_clients: int | None = None,
-                 shard_sizes: Sequence[int] | None = None, client_eval_clients: int = 0, max_update_norm: float = 0.0):
+                 shard_sizes: Sequence[int] | None = None, client_eval_clients: int = 0, max_update_norm: float = 0.0,
+                 min_clients: int = 1, round_timeout: float = 0.0):
         self.dp_plan = dp_plan
         self.secret = secret or OS_SECRET
         self.dp_steps = {int(c): int(s) for c, s in (dp_steps or {}).items()}
@@ -185,7 +198,11 @@ class FlowerLoRAStrategy(FlowerStrategy):
         self.seed = seed
         self.client_eval_clients = client_eval_clients
         self.max_update_norm = float(max_update_norm)
+        self.min_clients = int(min_clients)
+        self.round_timeout = float(round_timeout)
         self.rounds: dict[int, RoundLog] = {}
+        self._attempt: dict[int, int] = {}  # round -> the try being run (rounds voided for too few answers)
+        self._checked: dict[int, tuple[Message, tuple]] = {}  # id(reply) -> (reply, _read_reply's result), for one use
         self._pinned_client_of_node = {n: c for c, n in self.nodes.items()} if isinstance(self.nodes, dict) else None
         self._sent: dict[tuple[str, int], list[tuple[Message, int]]] = {}  # (phase, round) -> (message, client)
         self._sent_steps: dict[tuple[int, int], int] = {}  # (round, client) -> DP-SGD steps on record when sent
@@ -224,25 +241,30 @@ class FlowerLoRAStrategy(FlowerStrategy):
         extras = ("extra/",) if self.strategy.upload_extras else ()
         return {k for k in global_payload(self.state).arrays() if k.startswith(parts + extras)}
 
-    def sample(self, server_round: int) -> list[int]:
-        """The clients of ``server_round``: seeded and public, or secret under client-level DP."""
+    def sample(self, server_round: int, attempt: int = 0) -> list[int]:
+        """The clients of try ``attempt`` of ``server_round``: seeded and public, or secret under client-level DP."""
         n, m = self.num_clients, self.clients_per_round
         if self.client_dp:
-            return secret_sample_clients(n, m, self.secret, server_round)
-        return sample_clients(n, m, self.seed, server_round)
+            return secret_sample_clients(n, m, self.secret, server_round, attempt)
+        return sample_clients(n, m, self.seed, server_round, attempt)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self.adopt(arrays)
-        clients = self.sample(server_round)
-        log_ = self.rounds[server_round] = RoundLog(clients=clients)
+        attempt = self._attempt.get(server_round, 0)
+        clients = self.sample(server_round, attempt)
+        if attempt == 0:
+            log_ = self.rounds[server_round] = RoundLog(clients=clients)
+        else:  # a try again: the voided tries stay in the log (and their bytes in its totals)
+            log_ = self.rounds[server_round]
+            log_.clients = clients
         log_.skipped = [self._note(cid, "no examples") for cid in clients if cid in self.empty]
         training = [cid for cid in clients if cid not in self.empty]
         sent = self._sent[("train", server_round)] = []
         for cid, node in zip(training, self.placement(training)):
             payload = self.strategy.payload_for(self.state, str(cid))
             log_.bytes_down += payload.nbytes
-            train_config = ConfigRecord({**dict(config), SERVER_ROUND: server_round, CLIENT_ID: cid})
+            train_config = ConfigRecord({**dict(config), SERVER_ROUND: server_round, CLIENT_ID: cid, ATTEMPT: attempt})
             if self.dp_plan is not None and self.dp_plan.unit == "sample":
                 train_config[DP_NOISE_MULTIPLIER] = float(self.dp_plan.noise_multiplier)
                 train_config[DP_SAMPLE_RATE] = float(self.dp_plan.sample_rates[cid])
@@ -278,43 +300,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         log_ = self.rounds.setdefault(server_round, RoundLog())
-        updates, losses, weights, answered, lost = [], [], [], self._screened.pop(server_round, set()), set()
-        by_id = self._screened_ids.pop(server_round, None) or self._sent_clients("train", server_round)
-        for msg in replies:
-            cid = self._client_of(msg, by_id)
-            if msg.has_error():
-                log_.failed.append(self._failure(cid, msg.error.reason, msg.metadata.src_node_id))
-                if cid is not None:
-                    answered.add(cid)
-                    lost.add(cid)
-                continue
-            if cid is None:
-                log_.failed.append(self._failure(None, "rejected: the reply names no client", msg.metadata.src_node_id))
-                continue
-            answered.add(cid)
-            arrays, metrics, problem = self._read_reply(msg, cid)
-            if problem is not None:  # never aggregated; its DP spend (if it says one) is on record all the same
-                log_.failed.append(self._failure(cid, f"rejected: {problem}"))
-                continue
-            # Client-level DP calibrates its noise to a uniform mean: every client counts once.
-            n = 1 if self.client_dp else int(metrics[NUM_EXAMPLES])
-            try:
-                update = self.strategy.receive(self.state, str(cid), arrays, n, metrics=metrics)
-            except ValueError as exc:  # what the checks let through but the rule cannot take
-                log_.failed.append(self._failure(cid, f"rejected: {exc}"))
-                continue
-            log_.bytes_up += nbytes(arrays)
-            if DP_EPSILON in metrics:
-                log_.epsilon[int(cid)] = self.dp_epsilon[int(cid)]
-            updates.append(update)
-            losses.append(float(metrics.get("train_loss", np.nan)))
-            weights.append(n)
-            if "compute_s" in metrics:
-                log_.compute_s = (log_.compute_s or 0.0) + float(metrics["compute_s"])
-        for cid in sorted(set(log_.clients) - self.empty - answered):  # sent, but no reply at all
-            log_.failed.append(self._failure(cid, "no reply"))
-            lost.add(cid)
-        self._record_lost_spend(server_round, lost)
+        updates, losses, weights = self._collect(server_round, replies)
         if not updates and not log_.failed and not self.client_dp:
             # Every sampled client was skipped (no examples): the round leaves the model as it was.
             # (Client-level DP still releases the noised mean of zero updates: who is empty stays unsaid.)
@@ -337,6 +323,103 @@ class FlowerLoRAStrategy(FlowerStrategy):
             log_.train_loss = float(np.average(np.asarray(losses)[known], weights=kw if kw.sum() > 0 else None))
         metrics = MetricRecord({"train_loss": log_.train_loss} if log_.train_loss is not None else {})
         return to_array_record(global_payload(self.state).arrays()), metrics
+
+    def _collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list, list[float], list[int]]:
+        """The round's usable updates, their losses and weights; every failure and DP spend recorded on the way."""
+        log_ = self.rounds.setdefault(server_round, RoundLog())
+        updates, losses, weights, answered, lost = [], [], [], self._screened.pop(server_round, set()), set()
+        by_id = self._screened_ids.pop(server_round, None) or self._sent_clients("train", server_round)
+        for msg in replies:
+            cid = self._client_of(msg, by_id)
+            if msg.has_error():
+                log_.failed.append(self._failure(cid, msg.error.reason, msg.metadata.src_node_id))
+                if cid is not None:
+                    answered.add(cid)
+                    lost.add(cid)
+                continue
+            if cid is None:
+                log_.failed.append(self._failure(None, "rejected: the reply names no client", msg.metadata.src_node_id))
+                continue
+            answered.add(cid)
+            arrays, metrics, problem = self._read_reply(msg, cid)
+            if problem is not None:  # never aggregated; its DP spend (if it says one) is on record all the same
+                self._reject(log_, cid, problem)
+                continue
+            # Client-level DP calibrates its noise to a uniform mean: every client counts once.
+            n = 1 if self.client_dp else int(metrics[NUM_EXAMPLES])
+            try:
+                update = self.strategy.receive(self.state, str(cid), arrays, n, metrics=metrics)
+            except ValueError as exc:  # what the checks let through but the rule cannot take
+                self._reject(log_, cid, str(exc))
+                continue
+            log_.bytes_up += nbytes(arrays)
+            if DP_EPSILON in metrics:
+                log_.epsilon[int(cid)] = self.dp_epsilon[int(cid)]
+            updates.append(update)
+            losses.append(float(metrics.get("train_loss", np.nan)))
+            weights.append(n)
+            if "compute_s" in metrics:
+                log_.compute_s = (log_.compute_s or 0.0) + float(metrics["compute_s"])
+        for cid in sorted(set(log_.clients) - self.empty - answered):  # sent, but no reply at all
+            log_.failed.append(self._failure(cid, self._no_reply()))
+            lost.add(cid)
+        self._record_lost_spend(server_round, lost)
+        self._checked.clear()
+        return updates, losses, weights
+
+    def _no_reply(self) -> str:
+        if self.round_timeout > 0:
+            return f"no reply within federation.round_timeout = {self.round_timeout:g} s"
+        return "no reply"
+
+    def _reject(self, log_: RoundLog, cid, problem: str) -> None:
+        """A reply that arrived but may not be aggregated. Under client-level DP its line is left out: why a
+        client's update was rejected (its norm, its NaNs) is computed from its data, and no noise covers it."""
+        if not self.client_dp:
+            log_.failed.append(self._failure(cid, f"rejected: {problem}"))
+
+    def quorum(self, server_round: int) -> int:
+        """Good replies try ``server_round`` needs: ``min_clients``, or every client sent a message when fewer were
+        (sampled clients without examples are sent nothing, and another sample would not change what they hold)."""
+        return min(self.min_clients, len(self._sent.get(("train", server_round + self.round_offset), [])))
+
+    def good_replies(self, server_round: int, replies: Sequence[Message]) -> int:
+        """How many of ``replies`` count towards the round's ``min_clients``.
+
+        Replies that arrived without an error and pass every check; under
+        client-level DP every reply that arrived (whether an update passes a
+        check depends on the client's data, and the decision to run a round
+        again is released). Checked replies are not checked again when
+        :meth:`aggregate_train` takes them.
+        """
+        arrived = [m for m in replies if not m.has_error()]
+        if self.client_dp or len(arrived) < self.min_clients:
+            return len(arrived)
+        by_id = {m.metadata.message_id: c for m, c in self._sent.get(("train", server_round + self.round_offset), [])}
+        good = 0
+        for msg in arrived:
+            cid = self._client_of(msg, by_id)
+            if cid is None:
+                continue
+            result = self._read_reply(msg, cid)
+            self._checked[id(msg)] = (msg, result)
+            good += result[2] is None
+        return good
+
+    def void_attempt(self, server_round: int, replies: Sequence[Message], good: int) -> None:
+        """Record a try of ``server_round`` that got only ``good`` good replies; the next configure_train tries again.
+
+        Its failures and DP spend are recorded as in a round that counts;
+        nothing it sent back is aggregated.
+        """
+        absolute = server_round + self.round_offset
+        log_ = self.rounds.setdefault(absolute, RoundLog())
+        attempt = self._attempt.get(absolute, 0)
+        self._collect(absolute, replies)
+        log_.retries.append({"attempt": attempt, "clients": None if self.client_dp else list(log_.clients),
+                             "good_replies": good, "failed": log_.failed})
+        log_.failed = []
+        self._attempt[absolute] = attempt + 1
 
     def _note(self, cid, reason: str) -> dict:
         """A client's line in the metrics; under client-level DP without its id (sampling is secret)."""
@@ -367,6 +450,9 @@ class FlowerLoRAStrategy(FlowerStrategy):
             if reason is None:
                 kept.append(msg)
                 continue
+            if not msg.has_error() and cid is not None:  # rejected for what it holds: see _reject
+                self._screened.setdefault(server_round, set()).add(cid)
+                continue
             log_.failed.append(self._failure(cid, reason, msg.metadata.src_node_id))
             if cid is not None:
                 self._screened.setdefault(server_round, set()).add(cid)
@@ -378,6 +464,9 @@ class FlowerLoRAStrategy(FlowerStrategy):
         See :mod:`fedpeft.server.reply_checks`. Nothing a client sends can
         make this raise.
         """
+        checked = self._checked.pop(id(msg), None)
+        if checked is not None and checked[0] is msg:
+            return checked[1]
         try:
             metrics = dict(msg.content[METRICS])
         except (KeyError, TypeError) as exc:

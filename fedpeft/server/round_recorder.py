@@ -161,6 +161,7 @@ class RoundRecorder:
             "failed": log_.failed if log_ else [],
             "client_compute_s": log_.compute_s if log_ else None,
             "skipped": log_.skipped if log_ else [],  # sampled clients with no examples
+            "retries": log_.retries if log_ else [],  # tries voided for fewer than federation.min_clients answers
             **(_client_accuracy(log_) if flower.client_eval else {}),
             **round_privacy(self.plan, flower, log_, server_round),
             "wall_s": self.elapsed(),
