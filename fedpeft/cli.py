@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import FederationError, FedPeftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Simulate federated parameter-efficient fine-tuning.")
 console = Console(stderr=True)
@@ -122,7 +122,12 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
             accuracy = "" if line["accuracy"] is None else f"  accuracy {line['accuracy']:.4f}"  # not evaluated (eval_every)
             progress.update(task, completed=done, description=f"round {done}/{rounds}{accuracy}")
 
-        run_engine(cfg, target, on_round, resume=resume is not None)
+        try:
+            run_engine(cfg, target, on_round, resume=resume is not None)
+        except FederationError as exc:  # a round that could not be completed: the folder keeps its checkpoint
+            progress.live.transient = True  # the error line replaces the bar
+            progress.stop()
+            fail(str(exc).replace("DIR", str(target)))
     metrics = RunFolder(target).read_metrics()
     Console().print(round_table(metrics))
     print(f"run folder: {target}")
