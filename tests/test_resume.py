@@ -38,9 +38,15 @@ CLIENT_DP = ['dp.mode="client"', 'dp.clipping="adaptive"', "dp.clipped_count_std
              "dp.delta=0.1"]
 
 
+BATCHED = ['federation.engine="batched"']
+FAULTS = ["federation.failure_rate=0.3", "federation.min_clients=2", "federation.round_retries=5"]
+
+
 @pytest.mark.parametrize("strategy,extra", [("fedit", []), ("fedex-lora", []), ("fedex-lora", SAMPLE_DP),
-                                            ("ffa-lora", CLIENT_DP)],
-                         ids=["fedit", "fedex-lora", "sample-dp", "client-dp-adaptive"])
+                                            ("ffa-lora", CLIENT_DP), ("fedit", BATCHED + FAULTS),
+                                            ("fedex-lora", BATCHED + SAMPLE_DP)],
+                         ids=["fedit", "fedex-lora", "sample-dp", "client-dp-adaptive", "batched-faults",
+                              "batched-sample-dp"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, strategy, extra):
     """DP included: each client's accountant (a fresh process would lose it) and the
     adaptive clipping norm continue where the checkpoint left them. DP randomness is secret:
