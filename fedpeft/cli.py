@@ -134,6 +134,55 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, 
 
 
 @app.command()
+def deploy(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
+           nodes: int = typer.Option(2, "--nodes", "-n", help="SuperNodes to start (each its own process)."),
+           insecure: bool = typer.Option(False, "--insecure", help="No TLS and no SuperNode authentication.")) -> None:
+    """Run one federation on Flower's Deployment Engine: a SuperLink and N SuperNodes on this machine.
+
+    By default with TLS (test certificates made for 127.0.0.1) and SuperNode
+    authentication (each node's key registered first). Writes the usual run
+    folder; the deployment's keys, logs and Flower home go beside it in
+    <out>.deploy/. Every process it starts is stopped at the end.
+    """
+    from fedpeft.validation import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except FedPeftError as exc:
+        fail(str(exc))
+    if not 1 <= nodes <= cfg.federation.num_clients:
+        fail(f"--nodes {nodes}: give 1..{cfg.federation.num_clients} (federation.num_clients) SuperNodes")
+    from fedpeft.server.run_folder import default_run_dir
+
+    target = prepare_out(out, default_run_dir(cfg)).resolve()
+    deploy_folder = target.with_name(target.name + ".deploy")
+    if deploy_folder.exists():
+        fail(f"{deploy_folder} exists (a previous deployment's keys and logs); remove it or choose another --out")
+    from fedpeft.deploy import deploy as run_deployment
+    from fedpeft.reporting import round_table
+    from fedpeft.server.run_folder import RunFolder
+
+    rounds = cfg.federation.num_rounds
+    with progress_bar() as progress:
+        task = progress.add_task("starting the deployment", total=rounds)
+
+        def on_round(line):
+            done = line["round"]
+            accuracy = "" if line["accuracy"] is None else f"  accuracy {line['accuracy']:.4f}"
+            progress.update(task, completed=done, description=f"round {done}/{rounds}{accuracy}")
+
+        try:
+            run_deployment(cfg, target, nodes, insecure, on_round=on_round,
+                           on_step=lambda text: progress.update(task, description=text))
+        except FedPeftError as exc:
+            progress.live.transient = True
+            progress.stop()
+            fail(str(exc))
+    Console().print(round_table(RunFolder(target).read_metrics()))
+    print(f"run folder: {target}\ndeployment (keys, logs): {deploy_folder}")
+
+
+@app.command()
 def bench(
     name: Optional[List[str]] = typer.Option(None, "--name", "-n", help="Benchmark to run (repeatable; default: all)."),
     set_: Optional[List[str]] = SetOpt,

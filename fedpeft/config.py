@@ -13,6 +13,7 @@ error for a bad value can name the key and what would be valid.
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import math
 import tomllib
@@ -431,17 +432,28 @@ def config_tables(path: str | Path | Config | None = None, overrides: typing.Seq
     return tables
 
 
+CONFIG_JSON = "config-json"
+"""Run-config key holding a whole config as JSON: Flower's run config holds scalars only, and a deployment
+passes every key (``peft.target_modules`` and the other lists too)."""
+
+
 def run_config_tables(run_config: typing.Mapping[str, Any]) -> dict[str, Any]:
     """The config tables of a ``flwr run .`` launch.
 
     Flower's run config (pyproject's ``[tool.flwr.app.config]`` plus
     ``--run-config`` overrides) holds the scalar keys as ``section.key``; they
     override the embedded default, whose lists (``peft.target_modules``) stay.
-    ``out`` names the run folder.
+    ``out`` names the run folder; ``config-json``, when set, is the whole
+    config and every other key is ignored.
     """
+    if run_config.get(CONFIG_JSON):  # the whole config, lists included (fedpeft deploy)
+        try:
+            return json.loads(str(run_config[CONFIG_JSON]))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"run config key {CONFIG_JSON!r} is not a JSON config ({exc})") from None
     tables = _read_toml(DEFAULT_CONFIG)
     for key, value in run_config.items():
-        if key == "out":
+        if key in ("out", CONFIG_JSON):
             continue
         section, _, name = str(key).partition(".")
         if not name:

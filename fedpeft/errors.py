@@ -23,3 +23,7 @@ class AssetError(FedPeftError):
 
 class FederationError(FedPeftError):
     """The federation cannot go on as configured (too few clients answer a round, whatever it retries)."""
+
+
+class DeployError(FedPeftError):
+    """A loopback deployment could not start or its run failed (the logs say more)."""

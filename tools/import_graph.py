@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "fedpeft.bench_plain_loop": 11,  # a plain one-process FedIT loop
     "fedpeft.audit": 12,
     "fedpeft.sweep": 12,
+    "fedpeft.deploy": 12,  # the federation on Flower's Deployment Engine: processes, keys, `flwr run`
     "fedpeft.bench": 12,
     "fedpeft.api": 13,
     "fedpeft.cli": 14,
