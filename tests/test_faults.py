@@ -185,9 +185,9 @@ def test_sweep_conditions_are_columns_with_folders_of_their_own(tmp_path):
 
     path = Path(__file__).resolve().parents[1] / "experiments" / "faults.toml"
     _, runs, _ = load_sweep(path)
-    assert {r.column for r in runs} == {"no faults", "20% failures"}
-    assert len({r.folder for r in runs}) == len(runs) == 6
-    assert all(("federation.failure_rate=0.2" in r.overrides) == (r.condition == "20% failures") for r in runs)
+    assert {r.column for r in runs} == {"no faults", "20% failures", "20% failures, quorum 8"}
+    assert len({r.folder for r in runs}) == len(runs) == 9
+    assert all(("federation.failure_rate=0.2" in r.overrides) == (r.condition != "no faults") for r in runs)
     bad = tmp_path / "bad.toml"
     bad.write_text('[sweep]\nname = "x"\n[sweep.conditions]\n"a" = "federation.failure_rate=0.2"\n')
     with pytest.raises(ConfigError, match="sweep.conditions.'a'"):
