@@ -69,6 +69,8 @@ class FederationConfig:
                              "round_retries times, then the run stops", min=1)
     round_retries: int = _f(2, "how many times a round with fewer than min_clients answers is run again (fresh "
                                "sample) before the run stops", min=0)
+    ray_address: str = _f("", "engine = simulation: the Ray cluster to run the client workers on (\"auto\" or "
+                              "HOST:PORT of its head, as `ray start --head` prints); \"\" = start Ray on this machine")
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources)", min=0.1)
     client_threads: int = _f(1, "torch threads in each client worker", min=1)
     client_eval: bool = _f(False, "also evaluate each round's model on every client's own shard")

@@ -91,18 +91,18 @@ def run_simulation_engine(cfg: Config, out: Path, on_round=None, resume: bool = 
 def simulation_backend_config(cfg: Config) -> dict[str, Any]:
     """The Ray backend config of ``run_simulation``: each client worker's resources and Ray's start-up.
 
-    A worker reserves ``federation.client_cpus`` cores and, on a CUDA
+    With ``federation.ray_address`` the workers run on that Ray cluster
+    (every node needs fedpeft, its pinned packages and the model assets
+    installed). A worker reserves ``federation.client_cpus`` cores and, on a CUDA
     ``federation.device``, ``federation.client_gpus`` of a GPU (Ray then sets
     the worker's ``CUDA_VISIBLE_DEVICES`` to the GPU it shares, and
     :func:`fedpeft.devices.client_device` puts the client's model there).
     """
     fed = cfg.federation
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    # On a cluster its nodes say what they have; this machine's core count is not Ray's to set.
+    where = {"address": fed.ray_address} if fed.ray_address else {"num_cpus": os.cpu_count(), "include_dashboard": False}
     return {
         "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": gpu_share(fed.client_gpus, resolve(fed.device))},
-        "init_args": {
-            "num_cpus": os.cpu_count(),
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-            "include_dashboard": False,
-        },
+        "init_args": {**where, **quiet},
     }

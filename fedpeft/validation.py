@@ -55,6 +55,9 @@ def validate(cfg: Config, *, role: str = "server") -> None:
             f"federation.batch_clients = {fed.batch_clients} sizes the batched engine's passes; set "
             f"federation.engine = 'batched' (now {fed.engine!r}) or federation.batch_clients = 0"
         )
+    if fed.ray_address and fed.engine != "simulation":
+        raise ConfigError(f"federation.ray_address = {fed.ray_address!r} names a Ray cluster for engine = 'simulation'; "
+                          f"engine = {fed.engine!r} runs in this process: set one or clear the other")
     if fed.num_nodes > fed.num_clients:
         raise ConfigError(
             f"federation.num_nodes = {fed.num_nodes} exceeds federation.num_clients = {fed.num_clients}; "
