@@ -241,7 +241,8 @@ def run_sweep(path: Path, out: Path, full: bool = False, extra: list[str] | None
     if "epsilons" in sweep:
         plot_epsilon_sweep(results, out / "accuracy.png", baseline=baseline)
     else:
-        plot_sweep(table, out / "accuracy.png", baseline=baseline)
+        plot_sweep(table, out / "accuracy.png", baseline=baseline,
+                   columns="condition" if "conditions" in sweep else "partition")
     return results
 
 
@@ -340,7 +341,8 @@ def render_paired(paired: dict, strategies: list[str], partitions: list[str]) ->
     return lines
 
 
-def plot_sweep(table: dict, path: Path, baseline: float | None = None) -> None:
+def plot_sweep(table: dict, path: Path, baseline: float | None = None, columns: str = "partition") -> None:
+    """Accuracy bars per strategy, one per table column (``columns`` names what they are: partition or condition)."""
     from matplotlib.figure import Figure
 
     strategies = list(dict.fromkeys(k[0] for k in table))
@@ -359,8 +361,9 @@ def plot_sweep(table: dict, path: Path, baseline: float | None = None) -> None:
     ax.set_ylabel("test accuracy")
     lo = min(v["mean"] - v["std"] for v in table.values())
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-    ax.legend(title="partition", fontsize=8)
-    ax.set_title("Accuracy by aggregation rule and data split (mean ± std over seeds)")
+    ax.legend(title=columns, fontsize=8)
+    what = "data split" if columns == "partition" else columns
+    ax.set_title(f"Accuracy by aggregation rule and {what} (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
 
