@@ -158,7 +158,8 @@ def test_under_client_dp_a_rejected_reply_counts_as_a_zero_update():
     arrays, _ = flower.aggregate_train(1, [reply_to(1, good), reply_to(2, good), reply_to(3, bad)])
     released = from_array_record(arrays)
     log_ = flower.rounds[1]
-    assert len(log_.failed) == 1 and "rejected" in log_.failed[0]["reason"] and "client" not in log_.failed[0]
+    # Why a reply was rejected is computed from the client's data, which no noise covers: no line for it.
+    assert log_.failed == []
     # Two clients moved every private coordinate by 1, the third counts as 0: the mean is 2/3, not 1.
     for k in keys:
         np.testing.assert_allclose(released[k], sent[k] + 2.0 / 3.0, rtol=1e-5, atol=1e-5)
@@ -184,8 +185,9 @@ def test_under_client_dp_the_wrapper_aggregates_past_a_malformed_and_a_lost_repl
     released, _ = wrapper.aggregate_train(1, [by_node[1], by_node[2], lost])
     assert released is not None  # aggregated (Flower's wrapper alone returns None on any error reply)
     failed = flower.rounds[1].failed
-    assert sorted(f["reason"].split(":")[0] for f in failed) == ["rejected", "worker died"], failed
-    assert all("client" not in f for f in failed)  # who was sampled stays secret under client-level DP
+    # The lost client is listed (without its id: who was sampled stays secret); the malformed reply, rejected
+    # for what it holds, is not (its reason is computed from its data) but counts as a zero update.
+    assert failed == [{"reason": "worker died"}], failed
 
 
 def test_spend_is_recorded_for_rejected_and_lost_replies():
