@@ -150,9 +150,12 @@ def deploy(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOp
         cfg = load_config(config, set_ or [])
     except FedPeftError as exc:
         fail(str(exc))
-    if not 1 <= nodes <= cfg.federation.num_clients:
-        fail(f"--nodes {nodes}: give 1..{cfg.federation.num_clients} (federation.num_clients) SuperNodes")
+    from fedpeft.deploy.launcher import nodes_problem
     from fedpeft.server.run_folder import default_run_dir
+
+    problem = nodes_problem(cfg, nodes)
+    if problem:
+        fail(problem)
 
     target = prepare_out(out, default_run_dir(cfg)).resolve()
     deploy_folder = target.with_name(target.name + ".deploy")

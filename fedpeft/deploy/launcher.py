@@ -36,7 +36,7 @@ from fedpeft.deploy.pki import make_supernode_keys, make_test_certificates
 from fedpeft.deploy.processes import Processes, free_port, wait_until
 from fedpeft.errors import DeployError
 
-__all__ = ["deploy", "Deployment"]
+__all__ = ["deploy", "Deployment", "nodes_problem"]
 
 QUIET = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
          "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "NO_COLOR": "1"}
@@ -229,6 +229,13 @@ class Deployment:
         self.processes.stop_all()
 
 
+def nodes_problem(cfg: Config, nodes: int) -> str | None:
+    """Why ``nodes`` SuperNodes cannot run ``cfg`` (None when they can)."""
+    if not 1 <= nodes <= cfg.federation.num_clients:
+        return f"--nodes {nodes}: give 1..{cfg.federation.num_clients} (federation.num_clients) SuperNodes"
+    return None
+
+
 def deploy(cfg: Config, out: Path, nodes: int, insecure: bool = False,
            on_round: Callable[[dict[str, Any]], None] | None = None,
            on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -237,8 +244,9 @@ def deploy(cfg: Config, out: Path, nodes: int, insecure: bool = False,
     ``on_step`` hears each start-up step; ``on_round`` each metrics line as it lands.
     Raises :class:`~fedpeft.errors.DeployError` with one line when a step fails.
     """
-    if not 1 <= nodes <= cfg.federation.num_clients:
-        raise DeployError(f"--nodes {nodes}: give 1..{cfg.federation.num_clients} (federation.num_clients) SuperNodes")
+    problem = nodes_problem(cfg, nodes)
+    if problem:
+        raise DeployError(problem)
     deployment = Deployment(cfg, out, nodes, insecure)
     step = on_step or (lambda _: None)
     t0 = time.time()

@@ -78,7 +78,6 @@ class FaultInjectingGrid(Grid):
         self.grid = grid
         self.failure_rate, self.straggler_rate = float(failure_rate), float(straggler_rate)
         self.seed, self.secret = int(seed), secret
-        self.injected: list[tuple[int, int, int, str]] = []  # (round, attempt, client, fault), for tests and logs
 
     def fault_of(self, message: Message) -> str | None:
         if message.metadata.message_type != MessageType.TRAIN or not message.has_content():
@@ -87,10 +86,7 @@ class FaultInjectingGrid(Grid):
         if config is None or CLIENT_ID not in config or SERVER_ROUND not in config:
             return None
         key = int(config[SERVER_ROUND]), int(config.get(ATTEMPT, 0)), int(config[CLIENT_ID])
-        fault = client_fault(self.failure_rate, self.straggler_rate, *key, seed=self.seed, secret=self.secret)
-        if fault is not None:
-            self.injected.append((*key, fault))
-        return fault
+        return client_fault(self.failure_rate, self.straggler_rate, *key, seed=self.seed, secret=self.secret)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

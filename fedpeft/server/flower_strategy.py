@@ -28,6 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
+from fedpeft.errors import FederationError
 from fedpeft.privacy.secret import OS_SECRET, SecretSource
 from fedpeft.server.reply_checks import expected_upload, num_examples_problem, upload_problem
 from fedpeft.sampling import sample_clients, secret_sample_clients
@@ -307,7 +308,7 @@ class FlowerLoRAStrategy(FlowerStrategy):
             return to_array_record(global_payload(self.state).arrays()), MetricRecord({})
         if not updates and log_.failed:
             reasons = "; ".join(f"client {f.get('client', '?')}: {f['reason']}" for f in log_.failed) or "no replies"
-            raise RuntimeError(f"round {server_round}: every client failed ({reasons})")
+            raise FederationError(f"round {server_round}: every client failed ({reasons})")
         if self.client_dp:
             updates += self._zero_updates(self.clients_per_round - len(updates))
         before, self.state = self.state, self.strategy.aggregate(self.state, updates)
